@@ -1,0 +1,419 @@
+"""PyTorch VL-Mamba: vision encoder -> multimodal connector (MLP or vision selective scan) -> Mamba language model."""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, GenerationMixin, MambaConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.models.mamba.modeling_mamba import MambaMixer
+from transformers.utils import ModelOutput
+
+from .configuration_vlmamba import VLMambaConfig
+
+IGNORE_INDEX = -100
+
+
+def cross_scan(grid: torch.Tensor, scan_type: str) -> torch.Tensor:
+    """Unfold a patch grid into the scan directions, stacked on the batch axis (direction-major).
+
+    Args:
+        grid: `(batch, height, width, channels)` patch features.
+        scan_type: `"bidirectional"`: row-major, row-major reversed (K=2); `"cross"`: row-major, column-major,
+            row-major reversed, column-major reversed (K=4, VMamba's CrossScan order).
+
+    Returns:
+        `(K * batch, height * width, channels)`.
+    """
+    batch, height, width, channels = grid.shape
+    rows = grid.reshape(batch, height * width, channels)
+    if scan_type == "bidirectional":
+        return torch.cat([rows, rows.flip(1)])
+    columns = grid.transpose(1, 2).reshape(batch, height * width, channels)
+    return torch.cat([rows, columns, rows.flip(1), columns.flip(1)])
+
+
+def merge_scans(sequences: torch.Tensor, height: int, width: int, scan_type: str) -> torch.Tensor:
+    """Map every direction of `cross_scan` back to row-major patch order and sum them (VMamba's CrossMerge).
+
+    Args:
+        sequences: `(K * batch, height * width, channels)`, in the order `cross_scan` produced.
+
+    Returns:
+        `(batch, height * width, channels)`.
+    """
+    num_directions = 2 if scan_type == "bidirectional" else 4
+    directions = sequences.unflatten(0, (num_directions, -1))
+    if scan_type == "bidirectional":
+        return directions[0] + directions[1].flip(1)
+    batch, _, channels = directions[0].shape
+
+    def columns_to_rows(columns: torch.Tensor) -> torch.Tensor:
+        return columns.reshape(batch, width, height, channels).transpose(1, 2).reshape(batch, -1, channels)
+
+    return directions[0] + columns_to_rows(directions[1]) + directions[2].flip(1) + columns_to_rows(directions[3].flip(1))
+
+
+class VisionSelectiveScan(nn.Module):
+    """VSS (paper Sec. 3.2.3): a 2D scan of the patch grid through ONE Mamba mixer shared by all directions.
+
+    The direction sequences run as one batch through transformers' `MambaMixer` (mamba_ssm kernels when installed),
+    and their outputs are merged back into patch order by summation.
+    """
+
+    def __init__(self, hidden_size: int, config: VLMambaConfig):
+        super().__init__()
+        self.height, self.width = config.patch_grid
+        self.scan_type = config.scan_type
+        mixer_config = MambaConfig(
+            hidden_size=hidden_size,
+            state_size=config.vss_state_size,
+            conv_kernel=config.vss_conv_kernel,
+            expand=config.vss_expand,
+            num_hidden_layers=1,
+        )
+        self.mixer = MambaMixer(mixer_config, layer_idx=0)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`(batch, height * width, channels)` -> `(batch, height * width, channels)`."""
+        batch, num_tokens, channels = hidden_states.shape
+        if num_tokens != self.height * self.width:
+            raise ValueError(
+                f"The vision selective scan got {num_tokens} tokens per image, which is not the "
+                f"{self.height}x{self.width} patch grid of the vision config. A CLS token must be dropped "
+                "(vision_feature_select_strategy='default'), and images must have the configured image_size."
+            )
+        grid = hidden_states.reshape(batch, self.height, self.width, channels)
+        scanned = self.mixer(cross_scan(grid, self.scan_type))
+        return merge_scans(scanned, self.height, self.width, self.scan_type)
+
+
+class VLMambaMultiModalProjector(nn.Module):
+    """The multimodal connector (paper Sec. 3.2.3); V is `(num_images, N, Dv)` and the output `(num_images, N, Dt)`.
+
+    - `mlp`:     Linear(Dt, Dt)(GELU(Linear(Dv, Dt)(V)))
+    - `vss_mlp`: V = LayerNorm(VSS_Dv(V) + V), then the MLP above
+    - `vss_l2`:  V' = Linear(Dv, Dt)(V);  Linear(Dt, Dt)(LayerNorm(VSS_Dt(GELU(V')) + V'))
+    """
+
+    def __init__(self, config: VLMambaConfig):
+        super().__init__()
+        vision_size, text_size = config.vision_feature_size, config.text_config.hidden_size
+        self.projector_type = config.projector_type
+        self.linear_1 = nn.Linear(vision_size, text_size)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(text_size, text_size)
+        if config.uses_vss:
+            scan_size = vision_size if self.projector_type == "vss_mlp" else text_size
+            self.vss = VisionSelectiveScan(scan_size, config)
+            self.norm = nn.LayerNorm(scan_size, eps=config.connector_norm_eps)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        if self.projector_type == "vss_mlp":
+            image_features = self.norm(self.vss(image_features) + image_features)
+        hidden_states = self.linear_1(image_features)
+        if self.projector_type == "vss_l2":
+            # The residual adds the pre-GELU projection, as in the paper's formula.
+            return self.linear_2(self.norm(self.vss(self.act(hidden_states)) + hidden_states))
+        return self.linear_2(self.act(hidden_states))
+
+
+@dataclass
+class VLMambaModelOutput(ModelOutput):
+    r"""
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
+        Final hidden states of the language model.
+    cache_params (`Cache`, *optional*):
+        Recurrent and convolution states of every Mamba layer after the last token, for cached decoding.
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+        Hidden states of the language model after every layer (with `output_hidden_states=True`).
+    image_hidden_states (`torch.FloatTensor` of shape `(num_images, image_seq_length, hidden_size)`, *optional*):
+        Connector outputs that were scattered into the image-token positions.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    cache_params: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class VLMambaCausalLMOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `(1,)`, *optional*):
+        Next-token cross-entropy over the labelled positions (image positions never count).
+    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
+        Prediction scores, in float32.
+    cache_params (`Cache`, *optional*):
+        Recurrent and convolution states of every Mamba layer after the last token, for cached decoding.
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+        Hidden states of the language model after every layer (with `output_hidden_states=True`).
+    image_hidden_states (`torch.FloatTensor` of shape `(num_images, image_seq_length, hidden_size)`, *optional*):
+        Connector outputs that were scattered into the image-token positions.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    cache_params: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+class VLMambaPreTrainedModel(PreTrainedModel):
+    config: VLMambaConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _is_stateful = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        # The connector's Mamba mixer; the language model initialises its own mixers (same scheme as MambaModel).
+        if isinstance(module, MambaMixer):
+            module.init_mamba_weights()
+            init.kaiming_uniform_(module.conv1d.weight, a=math.sqrt(5))
+            if module.conv1d.bias is not None:
+                init.zeros_(module.conv1d.bias)
+            init.kaiming_uniform_(module.out_proj.weight, a=math.sqrt(5))
+
+
+class VLMambaModel(VLMambaPreTrainedModel):
+    """Vision encoder, multimodal connector and Mamba language model, without the LM head."""
+
+    def __init__(self, config: VLMambaConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = VLMambaMultiModalProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        vision = self.config.vision_config
+        size = (vision.image_size,) * 2 if isinstance(vision.image_size, int) else tuple(vision.image_size)
+        expected = (vision.num_channels, *size)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"pixel_values have shape {tuple(pixel_values.shape)} but the vision tower expects "
+                f"(num_images, {', '.join(map(str, expected))}). Prepare images with VLMambaProcessor."
+            )
+
+    def get_image_features(
+        self,
+        pixel_values: torch.FloatTensor,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        """Encode images and project them into the language model's embedding space.
+
+        Args:
+            pixel_values: `(num_images, channels, height, width)` at the vision config's `image_size`.
+
+        Returns:
+            `BaseModelOutputWithPooling` of the vision tower whose `pooler_output` holds the connector output,
+            `(num_images, image_seq_length, text_hidden_size)`.
+        """
+        layers = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
+        self._check_pixel_values(pixel_values)
+        # Asking for the selected layers only keeps the other hidden states from being stored.
+        outputs = self.vision_tower(
+            pixel_values.to(self.vision_tower.dtype), output_hidden_states=layers, return_dict=True
+        )
+        layers = [layers] if isinstance(layers, int) else layers
+        features = torch.cat([outputs.hidden_states[layer] for layer in layers], dim=-1)
+        if strategy == "default":
+            features = features[:, 1:]
+        outputs.pooler_output = self.multi_modal_projector(features)
+        return outputs
+
+    def get_placeholder_mask(self, input_ids: torch.LongTensor, image_features: torch.Tensor) -> torch.BoolTensor:
+        """`(batch, seq)` mask of the image-token positions; raises if they cannot hold `image_features` exactly."""
+        mask = input_ids == self.config.image_token_id
+        num_tokens, (num_images, per_image, _) = int(mask.sum()), image_features.shape
+        if num_tokens != num_images * per_image:
+            raise ValueError(
+                f"input_ids hold {num_tokens} image tokens but {num_images} images need {num_images * per_image} "
+                f"({per_image} per image). Build inputs with VLMambaProcessor, which expands each <image> "
+                f"placeholder to {per_image} image tokens."
+            )
+        return mask
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        cache_params: Cache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        **kwargs,
+    ) -> VLMambaModelOutput:
+        r"""
+        Args:
+            input_ids: `(batch, seq)` token ids, each image expanded to `image_seq_length` image tokens.
+            pixel_values: `(num_images, channels, height, width)`, images in the order of their placeholders.
+            attention_mask: `(batch, seq)`, 0 on (left) padding; pad positions are zeroed inside the Mamba layers.
+            inputs_embeds: `(batch, seq, hidden)` instead of `input_ids` (text only: image positions are found by id).
+            cache_params: states from a previous call; `input_ids` then holds only the new tokens.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        image_features = None
+        if pixel_values is not None:
+            if input_ids is None:
+                raise ValueError("pixel_values need input_ids to locate the image tokens; pass input_ids.")
+            image_features = self.get_image_features(
+                pixel_values, vision_feature_layer, vision_feature_select_strategy
+            ).pooler_output
+            mask = self.get_placeholder_mask(input_ids, image_features).unsqueeze(-1)
+            inputs_embeds = inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
+        elif input_ids is not None and input_ids.shape[1] > 1 and (input_ids == self.config.image_token_id).any():
+            # A decode step may legitimately feed one sampled image token; a prompt never may.
+            raise ValueError("input_ids contain image tokens but no pixel_values were given; pass the images.")
+
+        if attention_mask is not None:
+            # With a cache the mask may span past tokens too; Mamba needs it for the current tokens only.
+            attention_mask = attention_mask[:, -inputs_embeds.shape[1] :]
+
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache_params=cache_params,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        return VLMambaModelOutput(
+            last_hidden_state=outputs.last_hidden_state,
+            cache_params=outputs.cache_params,
+            hidden_states=outputs.hidden_states,
+            image_hidden_states=image_features,
+        )
+
+
+class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
+    """VL-Mamba with the language-modelling head (tied to the input embeddings)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embeddings.weight"}
+
+    def __init__(self, config: VLMambaConfig):
+        super().__init__(config)
+        self.model = VLMambaModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
+        return self.model.get_image_features(pixel_values, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        cache_params: Cache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        **kwargs,
+    ) -> VLMambaCausalLMOutput:
+        r"""
+        Args:
+            labels: `(batch, seq)` targets, unshifted (`labels = input_ids` is fine); -100 is ignored, and the
+                image-token positions are always ignored.
+            logits_to_keep: compute logits for the last `logits_to_keep` positions only (0 keeps all).
+            kwargs: passed to the loss (e.g. `num_items_in_batch` from the Trainer).
+
+        See `VLMambaModel.forward` for the other arguments.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            cache_params=cache_params,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).float()
+
+        loss = None
+        if labels is not None:
+            if input_ids is not None:
+                labels = labels.masked_fill(input_ids == self.config.image_token_id, IGNORE_INDEX)
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+
+        return VLMambaCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            cache_params=outputs.cache_params,
+            hidden_states=outputs.hidden_states,
+            image_hidden_states=outputs.image_hidden_states,
+        )
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs,
+    ) -> dict:
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            attention_mask=attention_mask,
+            use_cache=use_cache,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
+        # After prefill the recurrent state already accounts for the padding: decode steps need no mask.
+        if use_cache and not is_first_iteration:
+            model_inputs["attention_mask"] = None
+        return model_inputs
+
+
+__all__ = [
+    "VLMambaForConditionalGeneration",
+    "VLMambaModel",
+    "VLMambaPreTrainedModel",
+    "VLMambaMultiModalProjector",
+    "VisionSelectiveScan",
+    "cross_scan",
+    "merge_scans",
+]

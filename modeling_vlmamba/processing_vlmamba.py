@@ -1,0 +1,171 @@
+"""Processor of VL-Mamba: an image processor plus a GPT-NeoX tokenizer with one `<image>` special token."""
+
+from pathlib import Path
+
+import PIL.Image
+import PIL.ImageOps
+from transformers import ProcessorMixin
+from transformers.image_transforms import to_pil_image
+from transformers.image_utils import load_image
+
+IMAGE_ASPECT_RATIOS = ("pad", "resize")
+# Modes PIL converts to RGB without losing meaning; with an alpha channel the image is composited on white.
+RGB_CONVERTIBLE_MODES = ("1", "L", "P", "RGB", "CMYK", "YCbCr", "LAB", "HSV")
+ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+
+# Zephyr style, as mamba-2.8b-zephyr and Cobra: `<|user|>\n{images}{text}<|endoftext|>\n<|assistant|>\n...`.
+# The `generation` block marks assistant tokens (end-of-text included) for assistant-only loss.
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- macro render(content) -%}"
+    "{%- if content is string -%}{{- content -}}"
+    "{%- else -%}{%- for block in content -%}"
+    "{%- if block['type'] == 'image' -%}{{- '<image>' -}}"
+    "{%- elif block['type'] == 'text' -%}{{- block['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in ('system', 'user', 'assistant') -%}"
+    "{{- raise_exception('VL-Mamba chat roles are system, user and assistant, got ' + message['role']) -}}"
+    "{%- endif -%}"
+    "{{- '<|' + message['role'] + '|>\\n' -}}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{%- generation -%}{{- render(message['content']) + '<|endoftext|>' -}}{%- endgeneration -%}"
+    "{%- else -%}{{- render(message['content']) + '<|endoftext|>' -}}{%- endif -%}"
+    "{{- '\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"
+)
+
+
+def _flatten(images) -> list:
+    if isinstance(images, (list, tuple)):
+        return [image for item in images for image in _flatten(item)]
+    return [images]
+
+
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """Upright RGB copy of `image`; transparency is composited on white. Raises for modes with no RGB meaning."""
+    image = PIL.ImageOps.exif_transpose(image)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ALPHA_MODES:
+        rgba = image.convert("RGBA")
+        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return PIL.Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode not in RGB_CONVERTIBLE_MODES:
+        raise ValueError(
+            f"Image mode '{image.mode}' is not supported (supported: {', '.join(RGB_CONVERTIBLE_MODES + ALPHA_MODES)}). "
+            "Scale the image to 8 bits per channel and convert it to RGB first."
+        )
+    return image.convert("RGB")
+
+
+def expand_to_square(image: PIL.Image.Image, background: tuple[int, int, int]) -> PIL.Image.Image:
+    """Pad the shorter side symmetrically to a square (LLaVA-1.5's `expand2square`)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = PIL.Image.new("RGB", (side, side), background)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+def load_rgb_image(image) -> PIL.Image.Image:
+    """A PIL image, a local path, an http(s) URL, a base64 string, or an array/tensor -> RGB PIL image."""
+    if isinstance(image, Path) or (isinstance(image, str) and not image.startswith(("http://", "https://", "data:"))):
+        path = Path(image)
+        if not path.is_file():
+            raise FileNotFoundError(f"Image file not found: '{path}'.")
+        try:
+            with PIL.Image.open(path) as opened:
+                opened.load()
+                return to_rgb(opened)
+        except PIL.UnidentifiedImageError as error:
+            raise ValueError(f"Cannot read image file '{path}': it is not an image format PIL can decode.") from error
+    if isinstance(image, str):
+        image = load_image(image)
+    elif not isinstance(image, PIL.Image.Image):
+        try:
+            image = to_pil_image(image)
+        except (TypeError, ValueError) as error:
+            raise TypeError(
+                f"Unsupported image of type {type(image).__name__}: pass a PIL image, a file path, a URL, "
+                "or an (H, W, C) / (C, H, W) array."
+            ) from error
+    return to_rgb(image)
+
+
+class VLMambaProcessor(ProcessorMixin):
+    r"""
+    Builds VL-Mamba inputs: images become `pixel_values` and every `<image>` placeholder in the text is expanded to
+    `image_seq_length` image tokens.
+
+    Args:
+        image_processor: the vision encoder's image processor (e.g. `SiglipImageProcessorPil`, `CLIPImageProcessorPil`).
+        tokenizer: a GPT-NeoX tokenizer in which `image_token` is a single (special) token.
+        image_seq_length (`int`, defaults to 729): tokens per image after the connector (the model config's value).
+        image_aspect_ratio (`str`, defaults to `"pad"`): `"pad"` pads each image to a square with the mean colour of the
+            image processor before resizing (LLaVA-1.5); `"resize"` hands it to the image processor as it is.
+        image_token (`str`, defaults to `"<image>"`): the placeholder token.
+        chat_template (`str`, *optional*): defaults to the Zephyr-style `DEFAULT_CHAT_TEMPLATE`.
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        image_seq_length: int = 729,
+        image_aspect_ratio: str = "pad",
+        image_token: str = "<image>",
+        chat_template: str | None = None,
+        **kwargs,
+    ):
+        if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
+            raise ValueError(
+                f"image_aspect_ratio={image_aspect_ratio!r} is not supported; valid choices: "
+                f"{', '.join(IMAGE_ASPECT_RATIOS)}."
+            )
+        if not isinstance(image_seq_length, int) or image_seq_length < 1:
+            raise ValueError(f"image_seq_length must be a positive integer, got {image_seq_length!r}.")
+        token_ids = tokenizer.encode(image_token, add_special_tokens=False)
+        if len(token_ids) != 1:
+            raise ValueError(
+                f"The tokenizer splits {image_token!r} into {len(token_ids)} tokens; it must be one special token. "
+                f"Add it with tokenizer.add_tokens([{image_token!r}], special_tokens=True)."
+            )
+        self.image_seq_length = image_seq_length
+        self.image_aspect_ratio = image_aspect_ratio
+        self.image_token = image_token
+        self.image_token_id = token_ids[0]
+        super().__init__(image_processor, tokenizer, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE)
+
+    def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        images = None if images is None else [self._prepare_image(image) for image in _flatten(images)]
+        _, text, videos, audio = super().prepare_inputs_layout(text=text, videos=videos, audio=audio, **kwargs)
+        if text is not None and any(not sample.strip() for sample in text):
+            raise ValueError("Got an empty text prompt; every sample needs text (e.g. '<image>\\nDescribe it.').")
+        return images, text, videos, audio
+
+    def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        if text is not None:
+            num_placeholders = sum(sample.count(self.image_token) for sample in text)
+            num_images = 0 if images is None else len(images)
+            if num_placeholders != num_images:
+                raise ValueError(
+                    f"{num_placeholders} {self.image_token} placeholders but {num_images} images: put one "
+                    f"{self.image_token} in the text for every image, in order."
+                )
+        super().validate_inputs(images=images, text=text, videos=videos, audio=audio, **kwargs)
+
+    def _prepare_image(self, image) -> PIL.Image.Image:
+        image = load_rgb_image(image)
+        if self.image_aspect_ratio == "pad":
+            image = expand_to_square(image, tuple(round(255 * mean) for mean in self.image_processor.image_mean))
+        return image
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        return self.image_token * self.image_seq_length
+
+
+__all__ = ["VLMambaProcessor", "DEFAULT_CHAT_TEMPLATE"]

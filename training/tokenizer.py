@@ -1,0 +1,33 @@
+"""A small GPT-NeoX-style tokenizer trained offline, for tiny models (tests, the demo) where none can be downloaded."""
+
+import json
+from collections.abc import Iterable
+
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import GPTNeoXTokenizer
+
+EOS_TOKEN = "<|endoftext|>"  # id 0, as in GPT-NeoX
+PAD_TOKEN = "<|padding|>"  # id 1, as in GPT-NeoX
+IMAGE_TOKEN = "<image>"
+
+
+def train_gpt_neox_tokenizer(texts: Iterable[str], vocab_size: int = 320) -> GPTNeoXTokenizer:
+    """Train a byte-level BPE on `texts` and wrap it in transformers' `GPTNeoXTokenizer`.
+
+    The result has the GPT-NeoX special tokens (`<|endoftext|>` id 0, `<|padding|>` id 1), `<image>` as one added
+    special token, and left padding for batched generation: the same code paths as the real
+    `state-spaces/mamba-*-hf` tokenizer.
+    """
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN, PAD_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer=trainer)
+    merges = [tuple(pair) for pair in json.loads(bpe.to_str())["model"]["merges"]]
+    tokenizer = GPTNeoXTokenizer(vocab=bpe.get_vocab(), merges=merges, padding_side="left")
+    tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    return tokenizer
