@@ -56,7 +56,9 @@ def merge_scans(sequences: torch.Tensor, height: int, width: int, scan_type: str
     def columns_to_rows(columns: torch.Tensor) -> torch.Tensor:
         return columns.reshape(batch, width, height, channels).transpose(1, 2).reshape(batch, -1, channels)
 
-    return directions[0] + columns_to_rows(directions[1]) + directions[2].flip(1) + columns_to_rows(directions[3].flip(1))
+    return (
+        directions[0] + columns_to_rows(directions[1]) + directions[2].flip(1) + columns_to_rows(directions[3].flip(1))
+    )
 
 
 class VisionSelectiveScan(nn.Module):

@@ -54,8 +54,8 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
         return PIL.Image.alpha_composite(background, rgba).convert("RGB")
     if image.mode not in RGB_CONVERTIBLE_MODES:
         raise ValueError(
-            f"Image mode '{image.mode}' is not supported (supported: {', '.join(RGB_CONVERTIBLE_MODES + ALPHA_MODES)}). "
-            "Scale the image to 8 bits per channel and convert it to RGB first."
+            f"Image mode '{image.mode}' is not supported (supported: "
+            f"{', '.join(RGB_CONVERTIBLE_MODES + ALPHA_MODES)}). Scale it to 8 bits per channel and convert it to RGB."
         )
     return image.convert("RGB")
 
@@ -102,11 +102,11 @@ class VLMambaProcessor(ProcessorMixin):
     `image_seq_length` image tokens.
 
     Args:
-        image_processor: the vision encoder's image processor (e.g. `SiglipImageProcessorPil`, `CLIPImageProcessorPil`).
+        image_processor: the vision encoder's image processor (e.g. `SiglipImageProcessorPil`).
         tokenizer: a GPT-NeoX tokenizer in which `image_token` is a single (special) token.
         image_seq_length (`int`, defaults to 729): tokens per image after the connector (the model config's value).
-        image_aspect_ratio (`str`, defaults to `"pad"`): `"pad"` pads each image to a square with the mean colour of the
-            image processor before resizing (LLaVA-1.5); `"resize"` hands it to the image processor as it is.
+        image_aspect_ratio (`str`, defaults to `"pad"`): `"pad"` pads each image to a square with the image
+            processor's mean colour before resizing (LLaVA-1.5); `"resize"` hands it to the image processor as it is.
         image_token (`str`, defaults to `"<image>"`): the placeholder token.
         chat_template (`str`, *optional*): defaults to the Zephyr-style `DEFAULT_CHAT_TEMPLATE`.
     """

@@ -56,7 +56,9 @@ def tiny_config(tokenizer, vision: dict | None = None, **kwargs) -> VLMambaConfi
     vision = vision or TINY_SIGLIP
     kwargs.setdefault("vss_state_size", 4)
     kwargs.setdefault("image_token_id", tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
-    kwargs.setdefault("vision_feature_select_strategy", "default" if vision["model_type"] == "clip_vision_model" else "full")
+    kwargs.setdefault(
+        "vision_feature_select_strategy", "default" if vision["model_type"] == "clip_vision_model" else "full"
+    )
     return VLMambaConfig(vision_config=dict(vision), text_config=dict(TINY_MAMBA), **kwargs)
 
 

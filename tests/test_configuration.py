@@ -50,7 +50,9 @@ def test_clip_drops_cls_and_siglip_keeps_every_patch(tokenizer):
     assert isinstance(clip.vision_config, CLIPVisionConfig)
     assert clip.image_seq_length == 576
     siglip = VLMambaConfig(
-        vision_config={**TINY_SIGLIP, "image_size": 384, "patch_size": 14}, text_config=dict(TINY_MAMBA), image_token_id=5
+        vision_config={**TINY_SIGLIP, "image_size": 384, "patch_size": 14},
+        text_config=dict(TINY_MAMBA),
+        image_token_id=5,
     )
     assert siglip.image_seq_length == 729
     clip_mlp_full = VLMambaConfig(
@@ -62,7 +64,10 @@ def test_clip_drops_cls_and_siglip_keeps_every_patch(tokenizer):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"projector_type": "mlp3x"}, "`projector_type='mlp3x'` is not supported; valid choices: mlp, vss_mlp, vss_l2"),
+        (
+            {"projector_type": "mlp3x"},
+            "`projector_type='mlp3x'` is not supported; valid choices: mlp, vss_mlp, vss_l2",
+        ),
         ({"scan_type": "diagonal"}, "`scan_type='diagonal'` is not supported; valid choices: bidirectional, cross"),
         ({"vision_feature_select_strategy": "cls"}, "valid choices: default, full"),
         ({"vss_state_size": 0}, "`vss_state_size` must be a positive integer"),
@@ -80,5 +85,7 @@ def test_bad_values_are_rejected_with_the_field_and_choices(tokenizer, kwargs, m
 
 
 def test_cls_token_with_a_vision_scan_is_rejected():
-    with pytest.raises(ValueError, match="keeps the CLS token of clip_vision_model.*vision_feature_select_strategy='default'"):
+    with pytest.raises(
+        ValueError, match="keeps the CLS token of clip_vision_model.*vision_feature_select_strategy='default'"
+    ):
         VLMambaConfig(vision_config=dict(TINY_CLIP), text_config=dict(TINY_MAMBA), image_token_id=5)

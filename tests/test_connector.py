@@ -1,0 +1,71 @@
+import pytest
+import torch
+from torch import nn
+
+from modeling_vlmamba import VisionSelectiveScan, VLMambaMultiModalProjector, cross_scan, merge_scans
+from tests.conftest import tiny_config
+
+SCANS = {"bidirectional": 2, "cross": 4}
+
+
+@pytest.mark.parametrize("projector_type", ["mlp", "vss_mlp", "vss_l2"])
+@pytest.mark.parametrize("scan_type", list(SCANS))
+def test_every_connector_maps_vision_features_to_text_width(tokenizer, projector_type, scan_type):
+    config = tiny_config(tokenizer, projector_type=projector_type, scan_type=scan_type, vision_feature_layer=[-1, -2])
+    torch.manual_seed(0)
+    projector = VLMambaMultiModalProjector(config)
+    features = torch.randn(3, config.image_seq_length, config.vision_feature_size)
+    out = projector(features)
+    assert out.shape == (3, config.image_seq_length, config.text_config.hidden_size)
+    assert torch.isfinite(out).all()
+    assert hasattr(projector, "vss") == (projector_type != "mlp")
+
+
+def test_cross_scan_orders():
+    grid = torch.arange(2 * 3).reshape(1, 2, 3, 1)  # rows: [0 1 2], [3 4 5]
+    bidirectional = cross_scan(grid, "bidirectional")[..., 0].tolist()
+    assert bidirectional == [[0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]]
+    cross = cross_scan(grid, "cross")[..., 0].tolist()
+    assert cross == [[0, 1, 2, 3, 4, 5], [0, 3, 1, 4, 2, 5], [5, 4, 3, 2, 1, 0], [5, 2, 4, 1, 3, 0]]
+
+
+@pytest.mark.parametrize(("scan_type", "num_directions"), SCANS.items())
+def test_merge_scans_inverts_cross_scan_exactly(scan_type, num_directions):
+    grid = torch.randn(2, 3, 5, 4)  # a non-square grid catches swapped height and width
+    sequences = cross_scan(grid, scan_type)
+    assert sequences.shape == (num_directions * 2, 15, 4)
+    merged = merge_scans(sequences, 3, 5, scan_type)
+    assert torch.equal(merged, num_directions * grid.reshape(2, 15, 4))
+
+
+@pytest.mark.parametrize(("scan_type", "num_directions"), SCANS.items())
+def test_identity_mixer_merges_to_k_times_the_input(tokenizer, scan_type, num_directions):
+    config = tiny_config(tokenizer, scan_type=scan_type)
+    vss = VisionSelectiveScan(8, config)
+    vss.mixer = nn.Identity()
+    patches = torch.randn(2, config.image_seq_length, 8)
+    assert torch.equal(vss(patches), num_directions * patches)
+
+
+@pytest.mark.parametrize("scan_type", list(SCANS))
+def test_information_flows_both_ways_through_the_scan(tokenizer, scan_type):
+    config = tiny_config(tokenizer, scan_type=scan_type)
+    torch.manual_seed(0)
+    vss = VisionSelectiveScan(8, config).eval()
+    patches = torch.randn(1, config.image_seq_length, 8)
+    changed = patches.clone()
+    changed[:, -1] += 10.0  # the last patch (bottom right)
+
+    with torch.no_grad():
+        first_patch_delta = (vss(changed)[:, 0] - vss(patches)[:, 0]).abs().max()
+        # One forward direction alone is causal: the first position cannot see the last patch.
+        forward_only_delta = (vss.mixer(changed)[:, 0] - vss.mixer(patches)[:, 0]).abs().max()
+    assert first_patch_delta > 1e-6
+    assert forward_only_delta == 0
+
+
+def test_scan_rejects_tokens_that_are_not_the_patch_grid(tokenizer):
+    config = tiny_config(tokenizer)
+    vss = VisionSelectiveScan(8, config)
+    with pytest.raises(ValueError, match=r"got 17 tokens per image, which is not the 4x4 patch grid"):
+        vss(torch.randn(1, 17, 8))

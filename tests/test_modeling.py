@@ -1,0 +1,194 @@
+import pytest
+import torch
+
+from modeling_vlmamba import VLMambaForConditionalGeneration
+from tests.conftest import TINY_CLIP, TINY_SIGLIP, make_image, tiny_config, tiny_model, tiny_processor, user_turn
+
+# fp32 on CPU: cached and uncached paths differ only by summation order.
+ATOL = 1e-5
+
+
+def chat_inputs(processor, questions: list[str], images_per_prompt: int = 1, **kwargs):
+    prompts = [
+        processor.apply_chat_template(user_turn(question, images_per_prompt), add_generation_prompt=True)
+        for question in questions
+    ]
+    images = [make_image(color=(40 * i, 200 - 30 * i, 90)) for i in range(len(questions) * images_per_prompt)]
+    return processor(images=images or None, text=prompts, padding=True, return_tensors="pt", **kwargs)
+
+
+def greedy(model, inputs, **kwargs):
+    return model.generate(
+        **inputs, max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True, **kwargs
+    )
+
+
+def test_forward_shapes_and_finite_loss(model, processor, config):
+    inputs = chat_inputs(processor, ["What colour is the square?", "How many circles?"])
+    out = model(**inputs, labels=inputs["input_ids"])
+    batch, seq = inputs["input_ids"].shape
+    assert out.logits.shape == (batch, seq, config.text_config.vocab_size)
+    assert out.logits.dtype == torch.float32
+    assert out.image_hidden_states.shape == (2, config.image_seq_length, config.text_config.hidden_size)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+
+
+def test_labels_on_image_positions_never_count(model, processor, config):
+    inputs = chat_inputs(processor, ["What colour is the square?"])
+    is_image = inputs["input_ids"] == config.image_token_id
+    assert is_image.sum() == config.image_seq_length
+    reference = model(**inputs, labels=inputs["input_ids"].masked_fill(is_image, -100)).loss
+    scrambled = inputs["input_ids"].masked_fill(is_image, 7)  # would add loss terms if image positions counted
+    assert torch.equal(model(**inputs, labels=scrambled).loss, reference)
+    assert torch.equal(model(**inputs, labels=inputs["input_ids"]).loss, reference)
+
+
+def test_image_token_and_image_count_mismatch_names_both(model, processor):
+    inputs = chat_inputs(processor, ["What colour is the square?"])
+    two_images = torch.cat([inputs["pixel_values"]] * 2)
+    with pytest.raises(ValueError, match=r"input_ids hold 16 image tokens but 2 images need 32 \(16 per image\)"):
+        model(input_ids=inputs["input_ids"], pixel_values=two_images)
+    with pytest.raises(ValueError, match="input_ids contain image tokens but no pixel_values"):
+        model(input_ids=inputs["input_ids"])
+
+
+def test_pixel_values_of_the_wrong_size_are_named(model, processor):
+    inputs = chat_inputs(processor, ["What colour is the square?"])
+    with pytest.raises(ValueError, match=r"pixel_values have shape \(1, 3, 20, 20\) but the vision tower expects"):
+        model(input_ids=inputs["input_ids"], pixel_values=torch.zeros(1, 3, 20, 20))
+    with pytest.raises(ValueError, match=r"pixel_values have shape \(3, 16, 16\)"):
+        model(input_ids=inputs["input_ids"], pixel_values=torch.zeros(3, 16, 16))
+
+
+def test_logits_to_keep_returns_the_last_positions(model, processor):
+    inputs = chat_inputs(processor, ["What colour is the square?"])
+    full = model(**inputs).logits
+    last = model(**inputs, logits_to_keep=1).logits
+    assert last.shape[1] == 1
+    torch.testing.assert_close(last[:, -1], full[:, -1], rtol=0, atol=ATOL)
+
+
+def test_cached_greedy_generation_equals_uncached(model, processor):
+    inputs = chat_inputs(processor, ["What colour is the square?"])
+    cached = greedy(model, inputs, use_cache=True)
+    uncached = greedy(model, inputs, use_cache=False)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for cached_step, uncached_step in zip(cached.scores, uncached.scores, strict=True):
+        torch.testing.assert_close(cached_step, uncached_step, rtol=0, atol=ATOL)
+
+
+def test_left_padded_batch_matches_each_prompt_alone(model, processor):
+    questions = ["What colour is the square at the top left?", "How many?"]
+    batch = chat_inputs(processor, questions)
+    assert (batch["attention_mask"][1] == 0).any(), "the short prompt must be left-padded"
+    assert processor.tokenizer.padding_side == "left"
+    batched = greedy(model, batch)
+    prompt_length = batch["input_ids"].shape[1]
+    for row, question in enumerate(questions):
+        alone_inputs = chat_inputs(processor, [question])
+        # The image colour depends on the position in the batch: feed the same image as in the batch.
+        alone_inputs["pixel_values"] = batch["pixel_values"][row : row + 1]
+        alone = greedy(model, alone_inputs)
+        alone_tokens = alone.sequences[0, alone_inputs["input_ids"].shape[1] :]
+        assert torch.equal(batched.sequences[row, prompt_length:], alone_tokens)
+        for batched_step, alone_step in zip(batched.scores, alone.scores, strict=True):
+            torch.testing.assert_close(batched_step[row], alone_step[0], rtol=0, atol=ATOL)
+
+
+def test_decode_without_mask_equals_the_full_forward(model, processor):
+    """One cached decode step (no mask, as generate passes it) gives the logits of a full forward over the prompt."""
+    batch = chat_inputs(processor, ["What colour is the square at the top left?", "How many?"])
+    next_tokens = torch.tensor([[11], [12]])
+    with torch.no_grad():
+        prefill = model(**batch, use_cache=True)
+        step = model(input_ids=next_tokens, cache_params=prefill.cache_params, use_cache=True)
+        full = model(
+            input_ids=torch.cat([batch["input_ids"], next_tokens], dim=1),
+            attention_mask=torch.cat([batch["attention_mask"], torch.ones_like(next_tokens)], dim=1),
+            pixel_values=batch["pixel_values"],
+        )
+    torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], rtol=0, atol=ATOL)
+
+
+def test_generate_strategies_text_only_and_several_images(model, processor, tokenizer):
+    inputs = chat_inputs(processor, ["What colour is the square?"])
+    prompt_length = inputs["input_ids"].shape[1]
+    beams = model.generate(**inputs, max_new_tokens=5, num_beams=3, num_return_sequences=2, do_sample=False)
+    assert beams.shape == (2, prompt_length + 5)
+    torch.manual_seed(3)
+    sampled = model.generate(**inputs, max_new_tokens=5, do_sample=True, top_k=20, temperature=1.5)
+    torch.manual_seed(3)
+    assert torch.equal(sampled, model.generate(**inputs, max_new_tokens=5, do_sample=True, top_k=20, temperature=1.5))
+
+    text_only = processor(
+        text=processor.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True),
+        return_tensors="pt",
+    )
+    assert "pixel_values" not in text_only
+    assert (
+        model.generate(**text_only, max_new_tokens=4, do_sample=False).shape[1] == text_only["input_ids"].shape[1] + 4
+    )
+
+    two_images = chat_inputs(processor, ["Compare the two pictures."], images_per_prompt=2)
+    assert two_images["pixel_values"].shape[0] == 2
+    assert (two_images["input_ids"] == processor.image_token_id).sum() == 2 * processor.image_seq_length
+    out = model(**two_images)
+    assert out.image_hidden_states.shape[0] == 2
+    # Each image lands in its own placeholder: swapping the images changes the logits.
+    swapped = model(**{**two_images, "pixel_values": two_images["pixel_values"].flip(0)})
+    assert not torch.allclose(out.logits[:, -1], swapped.logits[:, -1])
+
+
+@pytest.mark.parametrize(
+    ("vision", "image_size", "expected_tokens"),
+    [(TINY_CLIP, 336, 576), (TINY_SIGLIP, 384, 729)],
+    ids=["clip-336-14", "siglip-384-14"],
+)
+def test_real_patch_grids_through_processor_and_model(tokenizer, vision, image_size, expected_tokens):
+    config = tiny_config(tokenizer, vision={**vision, "image_size": image_size, "patch_size": 14}, vss_expand=1)
+    assert config.image_seq_length == expected_tokens
+    model = tiny_model(config)
+    processor = tiny_processor(tokenizer, config)
+    inputs = processor(images=[make_image((500, 300))], text="<image>What is this?", return_tensors="pt")
+    assert inputs["pixel_values"].shape == (1, 3, image_size, image_size)
+    assert (inputs["input_ids"] == config.image_token_id).sum() == expected_tokens
+    with torch.no_grad():
+        out = model(**inputs)
+    assert out.image_hidden_states.shape == (1, expected_tokens, config.text_config.hidden_size)
+
+
+def trainable_grads(model: VLMambaForConditionalGeneration, processor, checkpointing: bool) -> dict[str, bool]:
+    """Backward one loss; per parameter group, whether every trainable parameter got a nonzero gradient."""
+    if checkpointing:
+        model.activation_checkpointing_enable()
+    model.train()
+    inputs = chat_inputs(processor, ["What colour is the square?", "How many circles?"])
+    model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    groups = {
+        "vision": "model.vision_tower.",
+        "connector": "model.multi_modal_projector.",
+        "llm": "model.language_model.",
+    }
+    result = {}
+    for group, prefix in groups.items():
+        params = [p for name, p in model.named_parameters() if name.startswith(prefix)]
+        if all(not p.requires_grad for p in params):
+            assert all(p.grad is None for p in params), f"frozen {group} received gradients"
+            result[group] = False
+        else:
+            result[group] = all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    return result
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["eager", "gradient-checkpointing"])
+@pytest.mark.parametrize("projector_type", ["mlp", "vss_l2"])
+def test_gradients_reach_the_trained_parts_of_each_stage(tokenizer, processor, checkpointing, projector_type):
+    config = tiny_config(tokenizer, projector_type=projector_type)
+    stage_1 = tiny_model(config)
+    for name, param in stage_1.named_parameters():
+        param.requires_grad = name.startswith("model.multi_modal_projector.")
+    assert trainable_grads(stage_1, processor, checkpointing) == {"vision": False, "connector": True, "llm": False}
+
+    stage_2 = tiny_model(config)
+    stage_2.model.vision_tower.requires_grad_(False)
+    assert trainable_grads(stage_2, processor, checkpointing) == {"vision": False, "connector": True, "llm": True}

@@ -1,0 +1,146 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor
+
+from modeling_vlmamba import DEFAULT_CHAT_TEMPLATE, VLMambaProcessor
+from tests.conftest import make_image, tiny_config, tiny_processor, user_turn
+
+RED = (200, 30, 30)
+
+
+def test_placeholders_expand_to_image_seq_length(processor, config):
+    inputs = processor(images=[make_image(), make_image()], text=["<image>a<image>b"], return_tensors="pt")
+    assert inputs["pixel_values"].shape == (2, 3, 16, 16)
+    assert (inputs["input_ids"] == config.image_token_id).sum() == 2 * config.image_seq_length
+    assert processor.image_token_id == config.image_token_id
+
+
+def test_chat_template_renders_the_zephyr_format(processor):
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        *user_turn("What colour?"),
+        {"role": "assistant", "content": [{"type": "text", "text": "Red."}]},
+        {"role": "user", "content": "And the other half?"},
+    ]
+    rendered = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    assert rendered == (
+        "<|system|>\nBe brief.<|endoftext|>\n"
+        "<|user|>\n<image>What colour?<|endoftext|>\n"
+        "<|assistant|>\nRed.<|endoftext|>\n"
+        "<|user|>\nAnd the other half?<|endoftext|>\n"
+        "<|assistant|>\n"
+    )
+    with pytest.raises(Exception, match="roles are system, user and assistant, got tool"):
+        processor.apply_chat_template([{"role": "tool", "content": "x"}])
+
+
+def test_assistant_mask_covers_the_answer_and_its_end_token(processor, tokenizer):
+    conversation = [*user_turn("What colour?"), {"role": "assistant", "content": "Red."}]
+    out = processor.apply_chat_template(
+        conversation,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+        images=[make_image()],
+    )
+    ids = out["input_ids"][0]
+    masked = [token for token, keep in zip(ids, out["assistant_masks"][0], strict=True) if keep]
+    assert tokenizer.decode(masked) == "Red.<|endoftext|>"
+
+
+def test_tokenized_chat_with_images_in_messages(processor, config):
+    conversation = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": make_image()}, {"type": "text", "text": "What colour?"}],
+        }
+    ]
+    out = processor.apply_chat_template(
+        conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    assert (out["input_ids"] == config.image_token_id).sum() == config.image_seq_length
+    assert out["pixel_values"].shape == (1, 3, 16, 16)
+
+
+def test_pad_keeps_the_aspect_ratio_and_resize_stretches(tokenizer, config):
+    wide = Image.new("RGB", (32, 16), RED)  # padded to 32x32: a band of mean colour above and below
+    padded = tiny_processor(tokenizer, config, image_aspect_ratio="pad")(images=wide, return_tensors="pt")
+    resized = tiny_processor(tokenizer, config, image_aspect_ratio="resize")(images=wide, return_tensors="pt")
+    padded, resized = padded["pixel_values"][0], resized["pixel_values"][0]
+    red = torch.tensor([(RED[c] / 255 - 0.5) / 0.5 for c in range(3)])
+    mean_colour = torch.tensor([(128 / 255 - 0.5) / 0.5] * 3)  # SigLIP mean 0.5 -> 128
+    torch.testing.assert_close(padded[:, 0, 8], mean_colour, atol=0.02, rtol=0)
+    torch.testing.assert_close(padded[:, 8, 8], red, atol=0.02, rtol=0)
+    torch.testing.assert_close(resized[:, 0, 8], red, atol=0.02, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "L", "1", "P", "CMYK", "YCbCr"])
+def test_any_common_pil_mode_becomes_rgb(processor, mode):
+    pixel_values = processor(images=make_image(mode=mode), text="<image>hi", return_tensors="pt")["pixel_values"]
+    assert pixel_values.shape == (1, 3, 16, 16)
+
+
+def test_transparent_pixels_become_white(processor):
+    transparent = Image.new("RGBA", (16, 16), (0, 0, 0, 0))
+    pixel_values = processor(images=transparent, text="<image>hi", return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(pixel_values, torch.ones_like(pixel_values), atol=0.01, rtol=0)
+
+
+def test_image_paths_and_arrays_are_accepted(processor, tmp_path):
+    path = tmp_path / "picture.png"
+    make_image().save(path)
+    from_path = processor(images=[str(path)], text="<image>hi", return_tensors="pt")["pixel_values"]
+    from_pil = processor(images=[make_image()], text="<image>hi", return_tensors="pt")["pixel_values"]
+    array = np.asarray(make_image())  # (H, W, C) uint8
+    from_array = processor(images=[array], text="<image>hi", return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(from_path, from_pil)
+    torch.testing.assert_close(from_array, from_pil)
+
+
+def test_bad_inputs_name_the_problem(processor, tmp_path):
+    with pytest.raises(ValueError, match="3 <image> placeholders but 2 images"):
+        processor(images=[make_image(), make_image()], text=["<image><image>", "<image>"])
+    with pytest.raises(ValueError, match="1 <image> placeholders but 0 images"):
+        processor(text="<image>hi")
+    with pytest.raises(ValueError, match="empty text prompt"):
+        processor(images=[make_image()], text=["<image>x", "  "])
+    with pytest.raises(ValueError, match="Image mode 'F' is not supported"):
+        processor(images=Image.new("F", (8, 8)), text="<image>hi")
+    with pytest.raises(ValueError, match="Image mode 'I;16' is not supported"):
+        processor(images=Image.new("I;16", (8, 8)), text="<image>hi")
+    missing = tmp_path / "nope.jpg"
+    with pytest.raises(FileNotFoundError, match=f"Image file not found: '{missing}'"):
+        processor(images=[str(missing)], text="<image>hi")
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_text("hello")
+    with pytest.raises(ValueError, match=f"Cannot read image file '{not_an_image}'"):
+        processor(images=[not_an_image], text="<image>hi")
+
+
+def test_construction_errors(processor, tokenizer):
+    with pytest.raises(ValueError, match="image_aspect_ratio='crop' is not supported; valid choices: pad, resize"):
+        VLMambaProcessor(processor.image_processor, tokenizer, image_aspect_ratio="crop")
+    with pytest.raises(ValueError, match=r"splits '<img>' into \d+ tokens; it must be one special token"):
+        VLMambaProcessor(processor.image_processor, tokenizer, image_token="<img>")
+
+
+def test_save_and_reload_round_trip(processor, tmp_path, tokenizer):
+    config = tiny_config(tokenizer)
+    custom = tiny_processor(tokenizer, config, image_aspect_ratio="resize")
+    custom.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)
+    assert type(loaded) is VLMambaProcessor
+    assert (loaded.image_seq_length, loaded.image_aspect_ratio) == (config.image_seq_length, "resize")
+    assert loaded.chat_template == DEFAULT_CHAT_TEMPLATE
+    assert (tmp_path / "chat_template.jinja").read_text() == DEFAULT_CHAT_TEMPLATE
+    text = "<image>What colour?"
+    expected, actual = custom(images=make_image(), text=text), loaded(images=make_image(), text=text)
+    assert expected["input_ids"] == actual["input_ids"]
+    torch.testing.assert_close(torch.as_tensor(expected["pixel_values"]), torch.as_tensor(actual["pixel_values"]))
+
+
+def test_batch_decode_drops_special_tokens(processor):
+    ids = processor(images=make_image(), text="<image>What colour?<|endoftext|>")["input_ids"]
+    assert processor.batch_decode(ids, skip_special_tokens=True) == ["What colour?"]
