@@ -72,6 +72,7 @@ class VLMambaConfig(PreTrainedConfig):
                 "num_attention_heads": 16,
                 "image_size": 384,
                 "patch_size": 14,
+                "vision_use_head": False,  # VL-Mamba uses patch features, never SigLIP's pooling head
             },
         ),
         "text_config": SubConfigSpec(

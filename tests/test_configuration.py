@@ -2,7 +2,7 @@ import pytest
 from transformers import AutoConfig, CLIPVisionConfig, MambaConfig, SiglipVisionConfig
 
 from modeling_vlmamba import VLMambaConfig
-from tests.conftest import TINY_CLIP, TINY_MAMBA, TINY_SIGLIP, tiny_config
+from training.tiny import TINY_CLIP, TINY_MAMBA, TINY_SIGLIP, tiny_config
 
 
 def test_defaults_are_the_papers_final_model():

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from modeling_vlmamba import VisionSelectiveScan, VLMambaMultiModalProjector, cross_scan, merge_scans
-from tests.conftest import tiny_config
+from training.tiny import tiny_config
 
 SCANS = {"bidirectional": 2, "cross": 4}
 

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from modeling_vlmamba import VLMambaForConditionalGeneration
-from tests.conftest import TINY_CLIP, TINY_SIGLIP, make_image, tiny_config, tiny_model, tiny_processor, user_turn
+from tests.conftest import make_image, user_turn
+from training.tiny import TINY_CLIP, TINY_SIGLIP, tiny_config, tiny_model, tiny_processor
 
 # fp32 on CPU: cached and uncached paths differ only by summation order.
 ATOL = 1e-5

@@ -5,7 +5,8 @@ from PIL import Image
 from transformers import AutoProcessor
 
 from modeling_vlmamba import DEFAULT_CHAT_TEMPLATE, VLMambaProcessor
-from tests.conftest import make_image, tiny_config, tiny_processor, user_turn
+from tests.conftest import make_image, user_turn
+from training.tiny import tiny_config, tiny_processor
 
 RED = (200, 30, 30)
 

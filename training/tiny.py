@@ -1,0 +1,103 @@
+"""Tiny VL-Mamba models built from scratch, for trying the API offline, for the tests and for the demo.
+
+python -m training.tiny ./vlmamba-tiny [--projector-type vss_l2] [--scan-type bidirectional] [--force]
+"""
+
+import argparse
+from collections.abc import Iterable
+
+import torch
+from transformers import CLIPImageProcessorPil, PreTrainedTokenizerBase, SiglipImageProcessorPil
+from transformers.image_processing_utils import BaseImageProcessor
+
+from conversion.hub_folder import save_folder
+from modeling_vlmamba import VLMambaConfig, VLMambaForConditionalGeneration, VLMambaProcessor
+from training.tokenizer import IMAGE_TOKEN, train_gpt_neox_tokenizer
+
+# A 4x4 patch grid (16 px images, 4 px patches), two encoder layers.
+TINY_SIGLIP = {
+    "model_type": "siglip_vision_model",
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": 16,
+    "patch_size": 4,
+    "vision_use_head": False,
+}
+TINY_CLIP = {**{k: v for k, v in TINY_SIGLIP.items() if k != "vision_use_head"}, "model_type": "clip_vision_model"}
+TINY_MAMBA = {
+    "model_type": "mamba",
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "state_size": 8,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+    "pad_token_id": 1,
+}
+SAMPLE_TEXT = [
+    "<|system|>\nYou answer questions about pictures.",
+    "<|user|>\nWhat colour is the square?<|endoftext|>\n<|assistant|>\nThe square is red.<|endoftext|>\n",
+    "How many circles are there? There are three blue circles and two green triangles.",
+    "Describe the picture: a yellow star at the top left, a purple square at the bottom right.",
+]
+
+
+def padded_vocab_size(tokenizer: PreTrainedTokenizerBase, multiple: int = 8) -> int:
+    """The tokenizer's size rounded up to `multiple`, as mamba_ssm pads its vocabulary."""
+    return -(-len(tokenizer) // multiple) * multiple
+
+
+def tiny_config(
+    tokenizer: PreTrainedTokenizerBase, vision: dict | None = None, text: dict | None = None, **kwargs
+) -> VLMambaConfig:
+    """A from-scratch config sized by `vision`/`text` (default: the tiny dicts above) for `tokenizer`'s vocabulary."""
+    vision = vision or TINY_SIGLIP
+    kwargs.setdefault("vss_state_size", 4)
+    kwargs.setdefault("image_token_id", tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+    kwargs.setdefault(
+        "vision_feature_select_strategy", "default" if vision["model_type"] == "clip_vision_model" else "full"
+    )
+    text = {**TINY_MAMBA, "vocab_size": padded_vocab_size(tokenizer), **(text or {})}
+    return VLMambaConfig(vision_config=dict(vision), text_config=text, **kwargs)
+
+
+def image_processor_for(config: VLMambaConfig) -> BaseImageProcessor:
+    """The PIL image processor of the config's vision encoder, at its image size."""
+    size = config.vision_config.image_size
+    if config.vision_config.model_type == "clip_vision_model":
+        return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return SiglipImageProcessorPil(size={"height": size, "width": size})
+
+
+def tiny_processor(tokenizer: PreTrainedTokenizerBase, config: VLMambaConfig, **kwargs) -> VLMambaProcessor:
+    return VLMambaProcessor(image_processor_for(config), tokenizer, image_seq_length=config.image_seq_length, **kwargs)
+
+
+def tiny_model(config: VLMambaConfig, seed: int = 0) -> VLMambaForConditionalGeneration:
+    torch.manual_seed(seed)
+    return VLMambaForConditionalGeneration(config).eval()
+
+
+def build_tiny_folder(output_dir: str, texts: Iterable[str] = SAMPLE_TEXT, force: bool = False, **config_kwargs):
+    """Write a tiny random VL-Mamba (model, processor, remote code) to `output_dir` and return it."""
+    tokenizer = train_gpt_neox_tokenizer(texts)
+    config = tiny_config(tokenizer, **config_kwargs)
+    return save_folder(tiny_model(config), tiny_processor(tokenizer, config), output_dir, force=force)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Write a tiny random VL-Mamba folder (to try the API offline).")
+    parser.add_argument("output_dir")
+    parser.add_argument("--projector-type", default="vss_l2", choices=["mlp", "vss_mlp", "vss_l2"])
+    parser.add_argument("--scan-type", default="bidirectional", choices=["bidirectional", "cross"])
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output folder")
+    args = parser.parse_args()
+    folder = build_tiny_folder(
+        args.output_dir, force=args.force, projector_type=args.projector_type, scan_type=args.scan_type
+    )
+    print(f"Tiny VL-Mamba saved to {folder}")
+
+
+if __name__ == "__main__":
+    main()
