@@ -13,6 +13,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.mamba.modeling_mamba import MambaMixer
 from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_vlmamba import VLMambaConfig
 
@@ -216,7 +217,6 @@ class VLMambaModel(VLMambaPreTrainedModel):
         pixel_values: torch.FloatTensor,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
-        **kwargs,
     ) -> BaseModelOutputWithPooling:
         """Encode images and project them into the language model's embedding space.
 
@@ -253,6 +253,7 @@ class VLMambaModel(VLMambaPreTrainedModel):
             )
         return mask
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -273,6 +274,7 @@ class VLMambaModel(VLMambaPreTrainedModel):
             attention_mask: `(batch, seq)`, 0 on (left) padding; pad positions are zeroed inside the Mamba layers.
             inputs_embeds: `(batch, seq, hidden)` instead of `input_ids` (text only: image positions are found by id).
             cache_params: states from a previous call; `input_ids` then holds only the new tokens.
+            kwargs: ignored (e.g. `position_ids`, which a recurrent model does not use).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
@@ -332,9 +334,15 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
-    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
-        return self.model.get_image_features(pixel_values, **kwargs)
+    def get_image_features(
+        self,
+        pixel_values: torch.FloatTensor,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+    ) -> BaseModelOutputWithPooling:
+        return self.model.get_image_features(pixel_values, vision_feature_layer, vision_feature_select_strategy)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

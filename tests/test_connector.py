@@ -69,3 +69,15 @@ def test_scan_rejects_tokens_that_are_not_the_patch_grid(tokenizer):
     vss = VisionSelectiveScan(8, config)
     with pytest.raises(ValueError, match=r"got 17 tokens per image, which is not the 4x4 patch grid"):
         vss(torch.randn(1, 17, 8))
+
+
+def test_fresh_connector_mixer_gets_the_mamba_initialisation(model):
+    mixer = model.model.multi_modal_projector.vss.mixer
+    state_size = mixer.ssm_state_size
+    expected_a_log = torch.log(torch.arange(1, state_size + 1, dtype=torch.float32)).expand_as(mixer.A_log)
+    torch.testing.assert_close(mixer.A_log, expected_a_log)
+    torch.testing.assert_close(mixer.D, torch.ones_like(mixer.D))
+    # dt = softplus(bias) starts inside [time_step_min, time_step_max] = [1e-3, 0.1]
+    dt = torch.nn.functional.softplus(mixer.dt_proj.bias)
+    assert dt.min() >= 1e-4 and dt.max() <= 0.1 + 1e-6
+    assert torch.count_nonzero(mixer.conv1d.bias) == 0

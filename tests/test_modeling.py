@@ -32,6 +32,8 @@ def test_forward_shapes_and_finite_loss(model, processor, config):
     assert out.logits.dtype == torch.float32
     assert out.image_hidden_states.shape == (2, config.image_seq_length, config.text_config.hidden_size)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    loss, logits, *_ = model(**inputs, labels=inputs["input_ids"], return_dict=False)
+    assert torch.equal(loss, out.loss) and torch.equal(logits, out.logits)
 
 
 def test_labels_on_image_positions_never_count(model, processor, config):
