@@ -111,11 +111,14 @@ class VLMambaConfig(PreTrainedConfig):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}.")
         self._check_feature_layers()
-        if self.vision_feature_select_strategy == "full" and self.vision_has_cls_token and self.uses_vss:
+        rows, cols = self.patch_grid
+        if self.uses_vss and self.num_vision_tokens != rows * cols:
+            fix = "default" if self.vision_has_cls_token else "full"
             raise ValueError(
-                f"`vision_feature_select_strategy='full'` keeps the CLS token of {self.vision_config.model_type}, "
-                f"which is not a patch of the {self.patch_grid[0]}x{self.patch_grid[1]} grid the vision selective "
-                "scan needs. Use vision_feature_select_strategy='default' to drop it."
+                f"The vision selective scan needs the {rows}x{cols} patch grid, but "
+                f"vision_feature_select_strategy='{self.vision_feature_select_strategy}' with "
+                f"{self.vision_config.model_type} ({'a' if self.vision_has_cls_token else 'no'} CLS token) gives "
+                f"{self.num_vision_tokens} tokens per image. Use vision_feature_select_strategy='{fix}'."
             )
         expected = self.num_vision_tokens
         if self.image_seq_length is None:
@@ -171,8 +174,8 @@ class VLMambaConfig(PreTrainedConfig):
     def num_vision_tokens(self) -> int:
         """Tokens per image after feature selection, i.e. the connector's sequence length."""
         rows, cols = self.patch_grid
-        keeps_cls = self.vision_has_cls_token and self.vision_feature_select_strategy == "full"
-        return rows * cols + int(keeps_cls)
+        # "default" drops the first token: the CLS token of CLIP, a real patch of SigLIP (as LLaVA's "patch" does).
+        return rows * cols + int(self.vision_has_cls_token) - int(self.vision_feature_select_strategy == "default")
 
     @property
     def vision_feature_size(self) -> int:

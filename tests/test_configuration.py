@@ -84,8 +84,24 @@ def test_bad_values_are_rejected_with_the_field_and_choices(tokenizer, kwargs, m
     assert message in str(error.value)
 
 
-def test_cls_token_with_a_vision_scan_is_rejected():
+def test_a_vision_scan_needs_exactly_the_patch_grid():
     with pytest.raises(
-        ValueError, match="keeps the CLS token of clip_vision_model.*vision_feature_select_strategy='default'"
+        ValueError, match=r"needs the 4x4 patch grid.*clip_vision_model \(a CLS token\) gives 17 tokens"
     ):
         VLMambaConfig(vision_config=dict(TINY_CLIP), text_config=dict(TINY_MAMBA), image_token_id=5)
+    with pytest.raises(ValueError, match=r"\(no CLS token\) gives 15 tokens.*strategy='full'"):
+        VLMambaConfig(
+            vision_config=dict(TINY_SIGLIP),
+            text_config=dict(TINY_MAMBA),
+            vision_feature_select_strategy="default",
+            image_token_id=5,
+        )
+    # LLaVA's "patch" selection on SigLIP drops a real patch; an MLP connector can represent that checkpoint.
+    siglip_mlp = VLMambaConfig(
+        vision_config=dict(TINY_SIGLIP),
+        text_config=dict(TINY_MAMBA),
+        vision_feature_select_strategy="default",
+        projector_type="mlp",
+        image_token_id=5,
+    )
+    assert siglip_mlp.image_seq_length == 15

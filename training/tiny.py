@@ -83,7 +83,7 @@ def build_tiny_folder(output_dir: str, texts: Iterable[str] = SAMPLE_TEXT, force
     """Write a tiny random VL-Mamba (model, processor, remote code) to `output_dir` and return it."""
     tokenizer = train_gpt_neox_tokenizer(texts)
     config = tiny_config(tokenizer, **config_kwargs)
-    return save_folder(tiny_model(config), tiny_processor(tokenizer, config), output_dir, force=force)
+    return save_folder(tiny_model(config), output_dir, tiny_processor(tokenizer, config), force=force)
 
 
 def main() -> None:

@@ -1,0 +1,277 @@
+"""Machinery every converter shares: reading checkpoints, renaming tensors with strict key accounting, building the
+target model from the converted tensors, and comparing logits with the source."""
+
+import argparse
+import json
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.initialization import no_init_weights
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Single files and sharded indexes, in the order they are looked for in a folder.
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+# fp32 logits of two implementations of the same network differ by summation order only.
+LOGITS_ATOL = 1e-3
+# Relative L2 error of logits allowed when the weights were rounded to fp16 / bf16.
+HALF_PRECISION_RTOL = 0.05
+
+
+class ConversionError(ValueError):
+    """Source tensors that do not map exactly onto the target model; the message lists every offending key."""
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found.")
+    return json.loads(path.read_text())
+
+
+def _load_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    # Pickles from the Hub may execute code when loaded without weights_only.
+    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ConversionError(f"{path} does not hold a flat state dict of tensors.")
+    return state_dict
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint: a weights file (.safetensors, .bin, .pt), or a folder with one of WEIGHT_FILES."""
+    path = Path(path)
+    if path.is_file():
+        return _load_file(path)
+    for name in WEIGHT_FILES:
+        candidate = path / name
+        if candidate.is_file():
+            if name.endswith(".index.json"):
+                shards = sorted(set(read_json(candidate)["weight_map"].values()))
+                return {key: tensor for shard in shards for key, tensor in _load_file(path / shard).items()}
+            return _load_file(candidate)
+    raise FileNotFoundError(f"No weights in {path}: looked for {', '.join(WEIGHT_FILES)}.")
+
+
+@dataclass
+class KeyMap:
+    """How source tensor names become target names.
+
+    `rules` are `(regex, replacement)` pairs; the first whose regex matches the whole source key renames it.
+    `dropped` are regexes of source keys left out on purpose (e.g. the text tower of a full CLIP checkpoint).
+    A source key matching neither is unexpected.
+    """
+
+    rules: list[tuple[str, str]]
+    dropped: list[str] = field(default_factory=list)
+
+    def rename(self, key: str) -> str | None:
+        for pattern, replacement in self.rules:
+            if re.fullmatch(pattern, key):
+                return re.sub(pattern, replacement, key)
+        return None
+
+    def drops(self, key: str) -> bool:
+        return any(re.fullmatch(pattern, key) for pattern in self.dropped)
+
+    def then(self, other: "KeyMap") -> "KeyMap":
+        """This map's rules, then `other`'s, for sources that mix layouts (e.g. vision + language weights)."""
+        return KeyMap(self.rules + other.rules, self.dropped + other.dropped)
+
+
+def expected_tensors(model_class: type[PreTrainedModel], config: PretrainedConfig) -> dict[str, torch.Tensor]:
+    """The target model's state dict as meta tensors (names, shapes and dtypes; no memory)."""
+    with torch.device("meta"):
+        return model_class(config).state_dict()
+
+
+def convert_state_dict(
+    source: dict[str, torch.Tensor],
+    key_map: KeyMap,
+    expected: dict[str, torch.Tensor],
+    tied: dict[str, str] | None = None,
+    dtype: torch.dtype | None = None,
+    description: str = "Converting",
+) -> dict[str, torch.Tensor]:
+    """Rename `source` into the target's names with strict accounting.
+
+    Every source tensor is used exactly once (or dropped on purpose), every target tensor is filled, and shapes
+    and dtype kinds match. `tied` maps target names the model ties (e.g. `lm_head.weight`) to the name they share
+    storage with: a source copy of such a tensor must equal it and is then left to the model's tying.
+    Floating tensors are cast to `dtype` when given. Raises `ConversionError` listing every problem at once.
+    """
+    tied = tied or {}
+    converted: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    unexpected, duplicated, misshaped = [], [], []
+    for key in tqdm(sorted(source), desc=description, unit="tensor"):
+        if key_map.drops(key):
+            continue
+        target = key_map.rename(key)
+        if target is None or target not in expected:
+            unexpected.append(key if target is None else f"{key} (-> {target}, not in the target model)")
+            continue
+        if target in converted:
+            duplicated.append(f"{origin[target]} and {key} -> {target}")
+            continue
+        tensor, want = source[key], expected[target]
+        if tensor.shape != want.shape or tensor.is_floating_point() != want.is_floating_point():
+            misshaped.append(
+                f"{key} -> {target}: {tensor.dtype} {tuple(tensor.shape)}, expected {want.dtype} {tuple(want.shape)}"
+            )
+            continue
+        converted[target] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+        origin[target] = key
+
+    differing_ties = []
+    for target, shared in tied.items():
+        if target in converted:
+            if shared in converted and not torch.equal(converted[target].float(), converted[shared].float()):
+                differing_ties.append(f"{origin[target]} differs from {origin[shared]}, but the config ties them")
+            del converted[target]
+    missing = [key for key in expected if key not in converted and key not in tied]
+
+    problems = {
+        "missing (no source tensor)": missing,
+        "unexpected (no target tensor)": unexpected,
+        "mapped twice": duplicated,
+        "wrong shape or dtype": misshaped,
+        "broken ties": differing_ties,
+    }
+    if any(problems.values()):
+        lines = [f"{len(keys)} {what}:\n  " + _first(keys) for what, keys in problems.items() if keys]
+        raise ConversionError("The checkpoint does not match the target model.\n" + "\n".join(lines))
+    return converted
+
+
+def _first(keys: list[str], shown: int = 12) -> str:
+    more = f"\n  ... and {len(keys) - shown} more" if len(keys) > shown else ""
+    return "\n  ".join(keys[:shown]) + more
+
+
+def build_model(
+    model_class: type[PreTrainedModel],
+    config: PretrainedConfig,
+    state_dict: dict[str, torch.Tensor],
+    initialize: Iterable[str] = (),
+    seed: int = 0,
+) -> PreTrainedModel:
+    """Instantiate `model_class` without random init and take over the converted tensors (no copy).
+
+    Submodules named in `initialize` (e.g. a fresh connector) get the model's own initialisation, seeded.
+    """
+    with no_init_weights():
+        model = model_class(config)
+    result = model.load_state_dict(state_dict, strict=False, assign=True)
+    model.tie_weights()
+    fresh = tuple(f"{name}." for name in initialize)
+    leftover = [
+        key for key in result.missing_keys if not key.startswith(fresh) and key not in model.all_tied_weights_keys
+    ]
+    if leftover or result.unexpected_keys:
+        raise ConversionError(f"Model build left {leftover} unfilled and {result.unexpected_keys} unused.")
+    torch.manual_seed(seed)
+    for name in initialize:
+        model.get_submodule(name).apply(model._init_weights)
+    return model.eval()
+
+
+def check_round_trip(folder: Path, model_class: type[PreTrainedModel], converted: dict[str, torch.Tensor]) -> None:
+    """The saved folder reloads to exactly the converted tensors."""
+    reloaded = model_class.from_pretrained(folder).state_dict()
+    changed = [key for key, tensor in converted.items() if not torch.equal(reloaded[key], tensor)]
+    if changed:
+        raise ConversionError(f"The saved folder does not reload to the converted tensors: {changed}")
+
+
+def random_token_ids(vocab_size: int, batch: int = 2, length: int = 12, seed: int = 0) -> torch.LongTensor:
+    """The fixed random input every conversion is verified on."""
+    return torch.randint(0, vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# Logits of the source model for some input ids, for the final check of a conversion.
+ReferenceForward = Callable[[torch.LongTensor], torch.Tensor]
+
+
+def compare_logits(
+    converted: torch.Tensor, reference: torch.Tensor, what: str, weights_dtype: torch.dtype = torch.float32
+) -> float:
+    """Check converted fp32 logits against the source's; returns the max |difference|.
+
+    With fp32 weights the two may differ by summation order only (max |difference| <= LOGITS_ATOL). With half
+    precision weights the rounding moves the logits a little: their relative L2 error must stay within
+    HALF_PRECISION_RTOL, far below the error of a wrongly mapped tensor. Raises `ConversionError` otherwise.
+    """
+    converted, reference = converted.float(), reference.float().to(converted.device)
+    difference = (converted - reference).abs().max().item()
+    relative = ((converted - reference).norm() / reference.norm()).item()
+    if weights_dtype == torch.float32 and not difference <= LOGITS_ATOL:
+        raise ConversionError(f"Converted logits differ from {what} by {difference:.3g} (> {LOGITS_ATOL:g}).")
+    if weights_dtype != torch.float32 and not relative <= HALF_PRECISION_RTOL:
+        raise ConversionError(
+            f"Converted {weights_dtype} logits differ from {what} by {relative:.3g} relative L2 "
+            f"(> {HALF_PRECISION_RTOL:g})."
+        )
+    return difference
+
+
+def verify_folder(
+    folder: Path,
+    model_class: type[PreTrainedModel],
+    converted: dict[str, torch.Tensor],
+    inputs: dict[str, torch.Tensor],
+    reference_logits: torch.Tensor | None,
+    weights_dtype: torch.dtype = torch.float32,
+) -> PreTrainedModel | None:
+    """The final check of a conversion, on the saved folder: it reloads to exactly the converted tensors, and
+    (given the source's logits for `inputs`) its fp32 logits match them. Raises `ConversionError` otherwise.
+
+    Returns the fp32 reloaded model when logits were compared, for further checks.
+    """
+    check_round_trip(folder, model_class, converted)
+    if reference_logits is None:
+        print("Verified: the saved folder reloads to the converted tensors (no source forward to compare with).")
+        return None
+    model = model_class.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    difference = compare_logits(logits, reference_logits, "the source model", weights_dtype)
+    print(f"Verified: logits match the source model on a fixed random input (max |difference| {difference:.2e}).")
+    return model
+
+
+def resolve_folder(name_or_path: str | Path) -> Path:
+    """A local folder as is; otherwise a Hub repo id, downloaded (configs, weights, tokenizer and processor files)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise NotADirectoryError(f"{path} is a file; pass the folder that holds it.")
+    from huggingface_hub import list_repo_files, snapshot_download
+
+    repo_id = str(name_or_path)
+    has_safetensors = any(name.endswith(".safetensors") for name in list_repo_files(repo_id))
+    weights = ["*.safetensors", "*.safetensors.index.json"] if has_safetensors else ["*.bin", "*.bin.index.json"]
+    return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.model", "*.jinja", *weights]))
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every converter shares."""
+    parser.add_argument("output_dir", help="folder to write (must not exist unless --force)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating weights (default: keep the source's)")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output folder")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default: 5GB)")
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    return None if name is None else DTYPES[name]

@@ -1,0 +1,234 @@
+"""Compose an untrained VL-Mamba from pretrained parts: a vision encoder, a Mamba LLM and a fresh connector.
+
+The result is ready for stage-1 training (connector alignment). The vision encoder may be a SigLIP or CLIP vision
+model or a full SigLIP / CLIP model (its vision part is taken); the LLM a transformers Mamba folder or a raw
+mamba_ssm folder (converted on the way). The tokenizer gets the `<image>` token; the image processor comes from the
+vision folder.
+
+    python -m conversion.compose --vision google/siglip-so400m-patch14-384 --llm state-spaces/mamba-2.8b-hf OUTPUT_DIR
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoTokenizer,
+    MambaConfig,
+    MambaForCausalLM,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
+
+from conversion.checkpoint import (
+    ConversionError,
+    KeyMap,
+    add_output_arguments,
+    build_model,
+    compare_logits,
+    convert_state_dict,
+    expected_tensors,
+    parse_dtype,
+    random_token_ids,
+    read_checkpoint,
+    resolve_folder,
+    verify_folder,
+)
+from conversion.convert_mamba_ssm import convert_raw_weights, is_raw_mamba_ssm
+from conversion.hub_folder import MAX_SHARD_SIZE, save_folder
+from modeling_vlmamba import VLMambaConfig, VLMambaForConditionalGeneration, VLMambaProcessor
+from modeling_vlmamba.configuration_vlmamba import PROJECTOR_TYPES, SCAN_TYPES
+
+IMAGE_TOKEN = "<image>"
+PAD_TOKEN = "<|padding|>"
+CONNECTOR = "model.multi_modal_projector"
+FULL_MODEL_TYPES = {"siglip": "siglip_vision_model", "clip": "clip_vision_model"}
+# transformers' Mamba (MambaForCausalLM) names -> VL-Mamba names. Old checkpoints say `embedding`, not `embeddings`.
+LANGUAGE_MODEL_KEYS = KeyMap(
+    rules=[
+        (r"backbone\.embeddings?\.weight", "model.language_model.embeddings.weight"),
+        (r"backbone\.(.+)", r"model.language_model.\1"),
+        (r"lm_head\.weight", "lm_head.weight"),
+    ]
+)
+
+
+def vision_source(folder: Path) -> tuple[PretrainedConfig, KeyMap]:
+    """The vision config of a SigLIP/CLIP folder and the key map that places its weights in the vision tower."""
+    config = AutoConfig.from_pretrained(folder)
+    dropped = []
+    if config.model_type in FULL_MODEL_TYPES:
+        config = config.vision_config
+        dropped += [r"text_model\..+", r"logit_(scale|bias)", r"(visual|text)_projection\..+"]
+    if config.model_type not in FULL_MODEL_TYPES.values():
+        raise ConversionError(
+            f"{folder} holds a '{config.model_type}' model; the vision encoder must be SigLIP or CLIP "
+            f"({', '.join(sorted(FULL_MODEL_TYPES) + sorted(FULL_MODEL_TYPES.values()))})."
+        )
+    if config.model_type == "siglip_vision_model":
+        config.vision_use_head = False  # VL-Mamba uses the patch features, never the pooling head
+        dropped.append(r"(vision_model\.)?head\..+")
+    # Full models and older vision-only checkpoints prefix the tower with `vision_model.`; transformers 5 does not.
+    return config, KeyMap([(r"(?:vision_model\.)?(.+)", r"model.vision_tower.\1")], dropped)
+
+
+def language_model_source(folder: Path) -> tuple[MambaConfig, dict[str, torch.Tensor]]:
+    """Config and transformers-named weights of a Mamba LLM folder (raw mamba_ssm folders are converted)."""
+    if is_raw_mamba_ssm(folder):
+        return convert_raw_weights(folder)
+    config = AutoConfig.from_pretrained(folder)
+    if config.model_type != "mamba":
+        raise ConversionError(f"{folder} holds a '{config.model_type}' model; the LLM must be a Mamba (mamba) model.")
+    return config, read_checkpoint(folder)
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> PreTrainedTokenizerBase:
+    """Add `<image>` as one special token, pad with `<|padding|>` on the left, and check the ids fit the model."""
+    if len(tokenizer.encode(IMAGE_TOKEN, add_special_tokens=False)) != 1:
+        tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
+        if PAD_TOKEN in tokenizer.get_vocab():
+            tokenizer.pad_token = PAD_TOKEN
+    tokenizer.padding_side = "left"
+    if len(tokenizer) > vocab_size:
+        raise ConversionError(
+            f"The tokenizer has {len(tokenizer)} tokens with {IMAGE_TOKEN} but the LLM's vocabulary holds "
+            f"{vocab_size}; use a tokenizer that fits (GPT-NeoX: 50277 + <image> fits Mamba's 50280)."
+        )
+    return tokenizer
+
+
+def compose(
+    vision: str | Path,
+    llm: str | Path,
+    output_dir: str | Path,
+    tokenizer: str | Path | None = None,
+    projector_type: str = "vss_l2",
+    scan_type: str = "bidirectional",
+    vision_feature_layer: int = -2,
+    image_aspect_ratio: str = "pad",
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+    max_shard_size: str = MAX_SHARD_SIZE,
+) -> Path:
+    """Write an untrained VL-Mamba (pretrained vision encoder and LLM, connector initialised with `seed`).
+
+    Verified before it is moved into place: the folder reloads to the composed tensors, its text-only logits equal
+    the source LLM's, and its vision tower's hidden states equal the source encoder's.
+    """
+    vision_dir, llm_dir = resolve_folder(vision), resolve_folder(llm)
+    vision_config, vision_keys = vision_source(vision_dir)
+    text_config, llm_weights = language_model_source(llm_dir)
+    tokenizer_dir = resolve_folder(tokenizer) if tokenizer is not None else llm_dir
+    try:
+        text_tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    except (OSError, ValueError) as error:
+        raise ConversionError(
+            f"No tokenizer in {tokenizer_dir}: pass --tokenizer (the Mamba LLMs use EleutherAI/gpt-neox-20b)."
+        ) from error
+    text_tokenizer = prepare_tokenizer(text_tokenizer, text_config.vocab_size)
+    if text_tokenizer.pad_token_id is not None:
+        text_config.pad_token_id = text_tokenizer.pad_token_id
+
+    config = VLMambaConfig(
+        vision_config=vision_config.to_dict(),
+        text_config=text_config.to_dict(),
+        projector_type=projector_type,
+        scan_type=scan_type,
+        vision_feature_layer=vision_feature_layer,
+        vision_feature_select_strategy="default" if vision_config.model_type == "clip_vision_model" else "full",
+        image_token_id=text_tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+    )
+    expected = expected_tensors(VLMambaForConditionalGeneration, config)
+    tied = {"lm_head.weight": "model.language_model.embeddings.weight"} if config.tie_word_embeddings else {}
+    state_dict = {}
+    for name, prefixes, source, key_map in (
+        ("vision encoder", ("model.vision_tower.",), read_checkpoint(vision_dir), vision_keys),
+        ("language model", ("model.language_model.", "lm_head."), llm_weights, LANGUAGE_MODEL_KEYS),
+    ):
+        part = {key: tensor for key, tensor in expected.items() if key.startswith(prefixes)}
+        state_dict |= convert_state_dict(
+            source, key_map, part, tied=tied, dtype=dtype, description=f"Placing the {name}"
+        )
+    model = build_model(VLMambaForConditionalGeneration, config, state_dict, initialize=[CONNECTOR], seed=seed)
+    if dtype is not None:
+        model.to(dtype)  # the fresh connector too
+    image_processor = AutoImageProcessor.from_pretrained(vision_dir, backend="pil")
+    processor = VLMambaProcessor(
+        image_processor,
+        text_tokenizer,
+        image_seq_length=config.image_seq_length,
+        image_aspect_ratio=image_aspect_ratio,
+    )
+
+    input_ids = random_token_ids(config.text_config.vocab_size)
+    input_ids = input_ids.masked_fill(input_ids == config.image_token_id, 0)  # text only: no image placeholders
+    size = config.vision_config.image_size
+    pixel_values = torch.randn(
+        2, config.vision_config.num_channels, size, size, generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        if is_raw_mamba_ssm(llm_dir):
+            source_llm = build_model(MambaForCausalLM, text_config, dict(llm_weights))
+        else:
+            source_llm = MambaForCausalLM.from_pretrained(llm_dir, dtype=torch.float32)
+        llm_logits = source_llm(input_ids).logits
+        source_tower = type(model.model.vision_tower).from_pretrained(vision_dir, dtype=torch.float32)
+        vision_states = source_tower(pixel_values, output_hidden_states=True).hidden_states
+    del source_llm, source_tower
+    weights_dtype = dtype or torch.float32
+
+    def verify(folder: Path) -> None:
+        composed = verify_folder(
+            folder,
+            VLMambaForConditionalGeneration,
+            model.state_dict(),
+            {"input_ids": input_ids},
+            llm_logits,
+            weights_dtype,
+        )
+        with torch.no_grad():
+            states = composed.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+        difference = max(
+            compare_logits(state, source, "the source vision encoder", weights_dtype)
+            for state, source in zip(states, vision_states, strict=True)
+        )
+        print(f"Verified: vision hidden states match the source encoder (max |difference| {difference:.2e}).")
+
+    return save_folder(model, output_dir, processor, force=force, max_shard_size=max_shard_size, verify=verify)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vision", required=True, help="SigLIP/CLIP folder or Hub id (vision or full model)")
+    parser.add_argument("--llm", required=True, help="Mamba folder or Hub id (transformers or raw mamba_ssm)")
+    add_output_arguments(parser)
+    parser.add_argument("--tokenizer", help="tokenizer folder or Hub id (default: the LLM's)")
+    parser.add_argument("--projector-type", default="vss_l2", choices=PROJECTOR_TYPES)
+    parser.add_argument("--scan-type", default="bidirectional", choices=SCAN_TYPES)
+    parser.add_argument("--vision-feature-layer", type=int, default=-2)
+    parser.add_argument("--image-aspect-ratio", default="pad", choices=["pad", "resize"])
+    parser.add_argument("--seed", type=int, default=0, help="seed of the connector's initialisation")
+    args = parser.parse_args()
+    folder = compose(
+        args.vision,
+        args.llm,
+        args.output_dir,
+        tokenizer=args.tokenizer,
+        projector_type=args.projector_type,
+        scan_type=args.scan_type,
+        vision_feature_layer=args.vision_feature_layer,
+        image_aspect_ratio=args.image_aspect_ratio,
+        seed=args.seed,
+        dtype=parse_dtype(args.dtype),
+        force=args.force,
+        max_shard_size=args.max_shard_size,
+    )
+    print(f"VL-Mamba (untrained connector) saved to {folder}")
+
+
+if __name__ == "__main__":
+    main()
