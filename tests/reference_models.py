@@ -13,9 +13,9 @@ def pad_vocab(vocab_size: int, multiple: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def write_mamba_ssm_checkpoint(folder: Path, seed: int = 0, **raw_overrides) -> dict:
-    """A random mamba_ssm `MambaLMHeadModel` checkpoint: `config.json` + `pytorch_model.bin` (tied `lm_head`)."""
-    raw = {
+def raw_mamba_config(**overrides) -> dict:
+    """A tiny mamba_ssm `config.json`."""
+    return {
         "d_model": 16,
         "n_layer": 2,
         "vocab_size": 50,
@@ -24,8 +24,12 @@ def write_mamba_ssm_checkpoint(folder: Path, seed: int = 0, **raw_overrides) -> 
         "residual_in_fp32": True,
         "fused_add_norm": True,
         "pad_vocab_size_multiple": 8,
-        **raw_overrides,
+        **overrides,
     }
+
+
+def random_mamba_ssm_state(raw: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights of a mamba_ssm `MambaLMHeadModel` under its own key names (`lm_head` tied)."""
     generator = torch.Generator().manual_seed(seed)
 
     def randn(*shape, scale=0.3):
@@ -52,6 +56,13 @@ def write_mamba_ssm_checkpoint(folder: Path, seed: int = 0, **raw_overrides) -> 
         }
     state["backbone.norm_f.weight"] = 1 + randn(d, scale=0.1)
     state["lm_head.weight"] = state["backbone.embedding.weight"]  # tied, as mamba_ssm saves it
+    return state
+
+
+def write_mamba_ssm_checkpoint(folder: Path, seed: int = 0, state: dict | None = None, **raw_overrides) -> dict:
+    """A random mamba_ssm checkpoint in its own format: `config.json` + `pytorch_model.bin`. Returns the state."""
+    raw = raw_mamba_config(**raw_overrides)
+    state = random_mamba_ssm_state(raw, seed) if state is None else state
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(raw))
     torch.save(state, folder / "pytorch_model.bin")
@@ -101,3 +112,85 @@ def mamba_lm_forward(
         residual = hidden if residual is None else hidden + residual
         hidden = mamba_mixer(rms_norm(residual, state[f"{prefix}layers.{i}.norm.weight"]), layer)
     return rms_norm(hidden + residual, state[f"{prefix}norm_f.weight"]) @ embedding.T
+
+
+LLAVA_IMAGE_INDEX = -200  # LLaVA's placeholder id for an image in input_ids
+
+
+def write_llava_mamba_checkpoint(
+    folder: Path, vision_model, tokenizer, with_vision_tower: bool = True, **mm
+) -> tuple[dict, dict]:
+    """A random LLaVA-style Mamba VLM checkpoint (Mamba-LLaVA layout): `config.json` with the mamba_ssm and `mm_*`
+    keys, `pytorch_model.bin`, and the tokenizer (without `<image>`: LLaVA marks images with id -200)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    raw = raw_mamba_config(vocab_size=len(tokenizer) + 1)  # room for <image>, as GPT-NeoX's 50277 in Mamba's 50280
+    mamba = random_mamba_ssm_state(raw)
+    vision_width = vision_model.config.hidden_size
+    raw |= {
+        "architectures": ["LlavaMambaForCausalLM"],
+        "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+        "mm_hidden_size": vision_width,
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch",
+        "image_aspect_ratio": "pad",
+        "mm_use_im_start_end": False,
+        "tokenizer_padding_side": "right",
+        **mm,
+    }
+    state = {
+        key.replace("backbone.embedding.", "model.embed_tokens.").replace("backbone.", "model."): value
+        for key, value in mamba.items()
+    }
+    generator = torch.Generator().manual_seed(1)
+    width = raw["d_model"]
+    state |= {
+        "model.mm_projector.0.weight": torch.randn(width, vision_width, generator=generator) * 0.2,
+        "model.mm_projector.0.bias": torch.randn(width, generator=generator) * 0.1,
+        "model.mm_projector.2.weight": torch.randn(width, width, generator=generator) * 0.2,
+        "model.mm_projector.2.bias": torch.randn(width, generator=generator) * 0.1,
+    }
+    if with_vision_tower:  # LLaVA's CLIPVisionTower wraps a transformers 4 CLIPVisionModel: `vision_model.` inside
+        tower = "model.vision_tower.vision_tower.vision_model."
+        state |= {tower + key: value for key, value in vision_model.state_dict().items()}
+    (folder / "config.json").write_text(json.dumps(raw))
+    torch.save(state, folder / "pytorch_model.bin")
+    tokenizer.save_pretrained(folder)
+    return state, raw
+
+
+def llava_mamba_forward(
+    state: dict, raw: dict, vision_model, input_ids: torch.LongTensor, pixel_values
+) -> torch.Tensor:
+    """LLaVA's `prepare_inputs_labels_for_multimodal` splice + the mamba_ssm LM, for LLaVA-format `input_ids`
+    (one -200 per image). Returns logits (B, L', V) with each -200 replaced by the image's patch positions."""
+    with torch.no_grad():
+        selected = vision_model(pixel_values, output_hidden_states=True).hidden_states[raw["mm_vision_select_layer"]]
+    patches = selected[:, 1:] if raw["mm_vision_select_feature"] == "patch" else selected
+    projected = F.linear(
+        F.gelu(F.linear(patches, state["model.mm_projector.0.weight"], state["model.mm_projector.0.bias"])),
+        state["model.mm_projector.2.weight"],
+        state["model.mm_projector.2.bias"],
+    )
+    embedding = state["model.embed_tokens.weight"]
+    images = iter(projected)
+    rows = []
+    for ids in input_ids:
+        pieces = []
+        for token in ids.tolist():
+            pieces.append(next(images) if token == LLAVA_IMAGE_INDEX else embedding[token][None])
+        rows.append(torch.cat(pieces))
+    return mamba_lm_forward(
+        state, raw["n_layer"], inputs_embeds=torch.stack(rows), prefix="model.", embed_key="model.embed_tokens.weight"
+    )
+
+
+def collapse_image_tokens(input_ids: torch.LongTensor, image_token_id: int) -> torch.LongTensor:
+    """VL-Mamba input ids (each image expanded to a run of image tokens) -> LLaVA's (one -200 per image)."""
+    rows = []
+    for ids in input_ids.tolist():
+        row = [
+            token for i, token in enumerate(ids) if token != image_token_id or i == 0 or ids[i - 1] != image_token_id
+        ]
+        rows.append([LLAVA_IMAGE_INDEX if token == image_token_id else token for token in row])
+    return torch.tensor(rows)

@@ -11,12 +11,14 @@ PAD_TOKEN = "<|padding|>"  # id 1, as in GPT-NeoX
 IMAGE_TOKEN = "<image>"
 
 
-def train_gpt_neox_tokenizer(texts: Iterable[str], vocab_size: int = 320) -> GPTNeoXTokenizer:
+def train_gpt_neox_tokenizer(
+    texts: Iterable[str], vocab_size: int = 320, image_token: bool = True
+) -> GPTNeoXTokenizer:
     """Train a byte-level BPE on `texts` and wrap it in transformers' `GPTNeoXTokenizer`.
 
     The result has the GPT-NeoX special tokens (`<|endoftext|>` id 0, `<|padding|>` id 1), `<image>` as one added
-    special token, and left padding for batched generation: the same code paths as the real
-    `state-spaces/mamba-*-hf` tokenizer.
+    special token (unless `image_token=False`, like the real GPT-NeoX tokenizer), and left padding for batched
+    generation: the same code paths as the tokenizer of `state-spaces/mamba-*-hf`.
     """
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -29,5 +31,6 @@ def train_gpt_neox_tokenizer(texts: Iterable[str], vocab_size: int = 320) -> GPT
     bpe.train_from_iterator(texts, trainer=trainer)
     merges = [tuple(pair) for pair in json.loads(bpe.to_str())["model"]["merges"]]
     tokenizer = GPTNeoXTokenizer(vocab=bpe.get_vocab(), merges=merges, padding_side="left")
-    tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    if image_token:
+        tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
     return tokenizer

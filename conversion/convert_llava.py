@@ -1,0 +1,236 @@
+"""LLaVA-style Mamba VLM checkpoints -> VL-Mamba folders.
+
+A LLaVA-based Mamba VLM (the layout Mamba-LLaVA writes, and a LLaVA-based VL-Mamba would have) saves
+`model.embed_tokens`, `model.layers.{i}.*`, `model.norm_f`, `lm_head`, `model.mm_projector.*` and
+`model.vision_tower.vision_tower.vision_model.*`, with LLaVA's `mm_*` keys next to the mamba_ssm ones in
+`config.json`. Stage 1 of LLaVA training saves only the connector, as `mm_projector.bin`.
+
+    python -m conversion.convert_llava checkpoint LLAVA_DIR OUTPUT_DIR [--vision openai/clip-vit-large-patch14-336]
+    python -m conversion.convert_llava mm-projector mm_projector.bin --base COMPOSED_DIR OUTPUT_DIR
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+from conversion.checkpoint import (
+    ConversionError,
+    KeyMap,
+    ReferenceForward,
+    add_output_arguments,
+    build_model,
+    compare_logits,
+    convert_state_dict,
+    expected_tensors,
+    parse_dtype,
+    random_token_ids,
+    read_checkpoint,
+    read_json,
+    resolve_folder,
+    verify_folder,
+)
+from conversion.compose import IMAGE_TOKEN, prepare_tokenizer, vision_source
+from conversion.convert_mamba_ssm import mamba_config_from_raw
+from conversion.hub_folder import MAX_SHARD_SIZE, save_folder
+from modeling_vlmamba import VLMambaConfig, VLMambaForConditionalGeneration, VLMambaProcessor
+
+CONNECTOR = "model.multi_modal_projector."
+# LLaVA's `mlp2x_gelu` is Sequential(Linear, GELU, Linear): indices 0 and 2 hold the weights.
+MM_PROJECTOR_KEYS = KeyMap(
+    rules=[
+        (r"(?:model\.)?mm_projector\.0\.(weight|bias)", CONNECTOR + r"linear_1.\1"),
+        (r"(?:model\.)?mm_projector\.2\.(weight|bias)", CONNECTOR + r"linear_2.\1"),
+    ]
+)
+LLAVA_MAMBA_KEYS = KeyMap(
+    rules=[
+        (r"model\.embed_tokens\.weight", "model.language_model.embeddings.weight"),
+        (r"model\.(layers\.\d+\..+|norm_f\.weight)", r"model.language_model.\1"),
+        (r"lm_head\.weight", "lm_head.weight"),
+        (r"model\.vision_tower\.vision_tower\.(?:vision_model\.)?(.+)", r"model.vision_tower.\1"),
+    ]
+).then(MM_PROJECTOR_KEYS)
+# LLaVA `mm_vision_select_feature` -> our `vision_feature_select_strategy`.
+SELECT_FEATURES = {"patch": "default", "cls_patch": "full"}
+# LLaVA `image_aspect_ratio` -> our `image_aspect_ratio` (LLaVA resizes unless told to pad).
+ASPECT_RATIOS = {"pad": "pad", None: "resize", "square": "resize", "resize": "resize"}
+
+
+def llava_options(raw: dict) -> dict:
+    """VLMambaConfig / processor options for LLaVA's `mm_*` config keys; raises for what VL-Mamba cannot express."""
+    projector = raw.get("mm_projector_type", "linear")
+    if projector != "mlp2x_gelu":
+        raise ConversionError(
+            f"mm_projector_type={projector!r} is not supported: VL-Mamba's `mlp` connector is LLaVA's mlp2x_gelu."
+        )
+    feature = raw.get("mm_vision_select_feature", "patch")
+    if feature not in SELECT_FEATURES:
+        raise ConversionError(f"mm_vision_select_feature={feature!r} is not supported ({', '.join(SELECT_FEATURES)}).")
+    aspect = raw.get("image_aspect_ratio")
+    if aspect not in ASPECT_RATIOS:
+        raise ConversionError(f"image_aspect_ratio={aspect!r} is not supported (pad, square, resize or unset).")
+    return {
+        "projector_type": "mlp",
+        "vision_feature_layer": raw.get("mm_vision_select_layer", -2),
+        "vision_feature_select_strategy": SELECT_FEATURES[feature],
+        "image_aspect_ratio": ASPECT_RATIOS[aspect],
+    }
+
+
+def convert_llava(
+    checkpoint_dir: str | Path,
+    output_dir: str | Path,
+    vision: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+    max_shard_size: str = MAX_SHARD_SIZE,
+    reference: ReferenceForward | None = None,
+) -> Path:
+    """Convert a LLaVA-style Mamba VLM checkpoint into a VL-Mamba folder and verify it.
+
+    `vision` is the vision tower's folder or Hub id (default: the checkpoint's `mm_vision_tower`): its config and
+    image processor, and its weights when the checkpoint holds none. `reference(input_ids, pixel_values)` is the
+    source model's forward, if one can run; its logits on a fixed random input must then match.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    raw = read_json(checkpoint_dir / "config.json")
+    options = llava_options(raw)
+    vision_dir = resolve_folder(vision or raw["mm_vision_tower"])
+    vision_config, vision_keys = vision_source(vision_dir)
+    text_config = mamba_config_from_raw(raw)
+    text_tokenizer = prepare_tokenizer(
+        AutoTokenizer.from_pretrained(resolve_folder(tokenizer) if tokenizer else checkpoint_dir),
+        text_config.vocab_size,
+    )
+    text_config.pad_token_id = text_tokenizer.pad_token_id
+    aspect_ratio = options.pop("image_aspect_ratio")
+    config = VLMambaConfig(
+        vision_config=vision_config.to_dict(),
+        text_config=text_config.to_dict(),
+        image_token_id=text_tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        **options,
+    )
+    if raw.get("mm_hidden_size", config.vision_feature_size) != config.vision_feature_size:
+        raise ConversionError(
+            f"mm_hidden_size={raw['mm_hidden_size']} but {vision_dir} gives {config.vision_feature_size}-wide "
+            "features: pass the vision tower the checkpoint was trained with (--vision)."
+        )
+
+    source = read_checkpoint(checkpoint_dir)
+    if any(key.startswith("model.vision_tower.") for key in source):
+        tower = r"model\.vision_tower\.vision_tower\."
+        key_map = KeyMap(LLAVA_MAMBA_KEYS.rules, [tower + pattern for pattern in vision_keys.dropped])
+    else:
+        print(f"The checkpoint holds no vision tower: taking it from {vision_dir}.")
+        source |= read_checkpoint(vision_dir)
+        key_map = LLAVA_MAMBA_KEYS.then(vision_keys)
+    expected = expected_tensors(VLMambaForConditionalGeneration, config)
+    tied = {"lm_head.weight": "model.language_model.embeddings.weight"} if config.tie_word_embeddings else {}
+    state_dict = convert_state_dict(source, key_map, expected, tied=tied, dtype=dtype, description="Converting LLaVA")
+    model = build_model(VLMambaForConditionalGeneration, config, state_dict)
+    processor = VLMambaProcessor(
+        AutoImageProcessor.from_pretrained(vision_dir, backend="pil"),
+        text_tokenizer,
+        image_seq_length=config.image_seq_length,
+        image_aspect_ratio=aspect_ratio,
+    )
+
+    inputs = fixed_multimodal_inputs(config)
+    reference_logits = reference(inputs["input_ids"], inputs["pixel_values"]) if reference is not None else None
+
+    def verify(folder: Path) -> None:
+        verify_folder(
+            folder, VLMambaForConditionalGeneration, state_dict, inputs, reference_logits, dtype or torch.float32
+        )
+
+    return save_folder(model, output_dir, processor, force=force, max_shard_size=max_shard_size, verify=verify)
+
+
+def fixed_multimodal_inputs(config: VLMambaConfig) -> dict[str, torch.Tensor]:
+    """A fixed random prompt with one image: text, `image_seq_length` image tokens, text; and random pixels."""
+    text = random_token_ids(config.text_config.vocab_size, batch=1, length=12)
+    text = text.masked_fill(text == config.image_token_id, 0)
+    image_tokens = torch.full((1, config.image_seq_length), config.image_token_id)
+    size = config.vision_config.image_size
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "input_ids": torch.cat([text[:, :4], image_tokens, text[:, 4:]], dim=1),
+        "pixel_values": torch.randn(1, config.vision_config.num_channels, size, size, generator=generator),
+    }
+
+
+def load_mm_projector(
+    mm_projector: str | Path,
+    base_dir: str | Path,
+    output_dir: str | Path,
+    force: bool = False,
+    max_shard_size: str = MAX_SHARD_SIZE,
+) -> Path:
+    """Put a LLaVA stage-1 connector (`mm_projector.bin`) into a composed VL-Mamba folder with an `mlp` connector.
+
+    Verified on the saved folder: the connector computes LLaVA's Linear-GELU-Linear with the file's tensors.
+    """
+    base = VLMambaForConditionalGeneration.from_pretrained(base_dir)
+    if base.config.projector_type != "mlp":
+        raise ConversionError(
+            f"{base_dir} has a '{base.config.projector_type}' connector; mm_projector.bin holds LLaVA's mlp2x_gelu: "
+            "compose the base with --projector-type mlp."
+        )
+    weights = read_checkpoint(mm_projector)
+    connector = {k: v for k, v in base.state_dict().items() if k.startswith(CONNECTOR)}
+    converted = convert_state_dict(weights, MM_PROJECTOR_KEYS, connector, description="Converting mm_projector")
+    base.load_state_dict(converted, strict=False)
+    processor = AutoProcessor.from_pretrained(base_dir)
+    features = torch.randn(2, base.config.image_seq_length, base.config.vision_feature_size)
+    prefix = "model.mm_projector." if "model.mm_projector.0.weight" in weights else "mm_projector."
+    w0, b0, w2, b2 = (weights[prefix + name].float() for name in ("0.weight", "0.bias", "2.weight", "2.bias"))
+    expected = F.linear(F.gelu(F.linear(features, w0, b0)), w2, b2)  # LLaVA's mlp2x_gelu, from the file itself
+
+    def verify(folder: Path) -> None:
+        loaded = VLMambaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+        with torch.no_grad():
+            projected = loaded.model.multi_modal_projector(features)
+        difference = compare_logits(projected, expected, "LLaVA's mlp2x_gelu", base.dtype)
+        print(f"Verified: the connector matches LLaVA's mlp2x_gelu (max |difference| {difference:.2e}).")
+
+    return save_folder(base, output_dir, processor, force=force, max_shard_size=max_shard_size, verify=verify)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    full = commands.add_parser("checkpoint", help="a full LLaVA-style Mamba VLM checkpoint")
+    full.add_argument("checkpoint_dir")
+    add_output_arguments(full)
+    full.add_argument("--vision", help="vision tower folder or Hub id (default: the config's mm_vision_tower)")
+    full.add_argument("--tokenizer", help="tokenizer folder or Hub id (default: the checkpoint's)")
+    stage_1 = commands.add_parser("mm-projector", help="a stage-1 mm_projector.bin into a composed VL-Mamba")
+    stage_1.add_argument("mm_projector", help="the mm_projector.bin file")
+    stage_1.add_argument("--base", required=True, help="VL-Mamba folder from conversion.compose --projector-type mlp")
+    add_output_arguments(stage_1)
+    args = parser.parse_args()
+    if args.command == "checkpoint":
+        folder = convert_llava(
+            args.checkpoint_dir,
+            args.output_dir,
+            vision=args.vision,
+            tokenizer=args.tokenizer,
+            dtype=parse_dtype(args.dtype),
+            force=args.force,
+            max_shard_size=args.max_shard_size,
+        )
+    else:
+        if args.dtype is not None:
+            parser.error("mm-projector keeps the base folder's dtype; --dtype does not apply")
+        folder = load_mm_projector(
+            args.mm_projector, args.base, args.output_dir, force=args.force, max_shard_size=args.max_shard_size
+        )
+    print(f"VL-Mamba saved to {folder}")
+
+
+if __name__ == "__main__":
+    main()
