@@ -225,6 +225,11 @@ def compare_logits(
     return difference
 
 
+def verification_device() -> torch.device:
+    """Where verification runs: with mamba_ssm installed its kernels take every Mamba call, and they need CUDA."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def verify_folder(
     folder: Path,
     model_class: type[PreTrainedModel],
@@ -242,9 +247,9 @@ def verify_folder(
     if reference_logits is None:
         print("Verified: the saved folder reloads to the converted tensors (no source forward to compare with).")
         return None
-    model = model_class.from_pretrained(folder, dtype=torch.float32).eval()
+    model = model_class.from_pretrained(folder, dtype=torch.float32).to(verification_device()).eval()
     with torch.no_grad():
-        logits = model(**inputs).logits
+        logits = model(**{name: tensor.to(model.device) for name, tensor in inputs.items()}).logits
     difference = compare_logits(logits, reference_logits, "the source model", weights_dtype)
     print(f"Verified: logits match the source model on a fixed random input (max |difference| {difference:.2e}).")
     return model

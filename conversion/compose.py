@@ -34,6 +34,7 @@ from conversion.checkpoint import (
     random_token_ids,
     read_checkpoint,
     resolve_folder,
+    verification_device,
     verify_folder,
 )
 from conversion.convert_mamba_ssm import convert_raw_weights, is_raw_mamba_ssm
@@ -170,14 +171,15 @@ def compose(
     pixel_values = torch.randn(
         2, config.vision_config.num_channels, size, size, generator=torch.Generator().manual_seed(0)
     )
+    device = verification_device()
     with torch.no_grad():
         if is_raw_mamba_ssm(llm_dir):
             source_llm = build_model(MambaForCausalLM, text_config, dict(llm_weights))
         else:
             source_llm = MambaForCausalLM.from_pretrained(llm_dir, dtype=torch.float32)
-        llm_logits = source_llm(input_ids).logits
-        source_tower = type(model.model.vision_tower).from_pretrained(vision_dir, dtype=torch.float32)
-        vision_states = source_tower(pixel_values, output_hidden_states=True).hidden_states
+        llm_logits = source_llm.to(device)(input_ids.to(device)).logits.cpu()
+        source_tower = type(model.model.vision_tower).from_pretrained(vision_dir, dtype=torch.float32).to(device)
+        vision_states = source_tower(pixel_values.to(device), output_hidden_states=True).hidden_states
     del source_llm, source_tower
     weights_dtype = dtype or torch.float32
 
@@ -191,7 +193,7 @@ def compose(
             weights_dtype,
         )
         with torch.no_grad():
-            states = composed.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+            states = composed.model.vision_tower(pixel_values.to(device), output_hidden_states=True).hidden_states
         difference = max(
             compare_logits(state, source, "the source vision encoder", weights_dtype)
             for state, source in zip(states, vision_states, strict=True)

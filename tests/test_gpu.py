@@ -1,0 +1,96 @@
+"""GPU checks (run on the GPU machine with the `cuda` extra; skipped without CUDA):
+
+- the mamba_ssm kernels give the same VL-Mamba as the PyTorch path (forward, greedy generation, training step);
+- a raw mamba_ssm model converted by conversion.convert_mamba_ssm gives mamba_ssm's own logits.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.tiny import TINY_SIGLIP, tiny_config, tiny_model, tiny_processor
+from training.tokenizer import train_gpt_neox_tokenizer
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+# fp32 kernels vs PyTorch reference: the same math in another summation order.
+ATOL = 1e-3
+SCRIPT = Path(__file__).with_name("gpu_forward.py")
+
+
+def run_forward(folder: Path, inputs: Path, out: Path, torch_path: bool) -> dict:
+    command = [sys.executable, str(SCRIPT), str(folder), str(inputs), str(out)] + (
+        ["--torch-path"] if torch_path else []
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(out)
+
+
+def test_vlmamba_kernels_match_the_pytorch_path(tmp_path):
+    pytest.importorskip("mamba_ssm")
+    pytest.importorskip("causal_conv1d")
+    from tests.conftest import make_image
+    from training.tiny import SAMPLE_TEXT
+
+    tokenizer = train_gpt_neox_tokenizer(SAMPLE_TEXT)
+    vision = {**TINY_SIGLIP, "hidden_size": 64, "image_size": 32}
+    config = tiny_config(tokenizer, vision=vision, text={"hidden_size": 64}, vss_state_size=16)
+    model, processor = tiny_model(config), tiny_processor(tokenizer, config)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    prompts = ["<image>What colour is the square at the top?", "<image>Count."]
+    batch = processor(
+        images=[make_image(), make_image(color=(9, 9, 9))], text=prompts, padding=True, return_tensors="pt"
+    )
+    single = processor(images=[make_image()], text=prompts[0], return_tensors="pt")
+    torch.save(
+        {**batch, "train_input_ids": single["input_ids"], "train_pixel_values": single["pixel_values"]},
+        tmp_path / "inputs.pt",
+    )
+    kernels = run_forward(tmp_path / "model", tmp_path / "inputs.pt", tmp_path / "kernels.pt", torch_path=False)
+    reference = run_forward(tmp_path / "model", tmp_path / "inputs.pt", tmp_path / "torch.pt", torch_path=True)
+    assert kernels["kernels"] and not reference["kernels"]
+
+    logits_difference = (kernels["logits"] - reference["logits"]).abs().max().item()
+    loss_difference = (kernels["loss"] - reference["loss"]).abs().item()
+    print(f"\nVL-Mamba kernels vs PyTorch path: logits {logits_difference:.2e}, loss {loss_difference:.2e}")
+    torch.testing.assert_close(kernels["logits"], reference["logits"], rtol=0, atol=ATOL)
+    assert torch.equal(kernels["generated"], reference["generated"])
+    torch.testing.assert_close(kernels["loss"], reference["loss"], rtol=0, atol=ATOL)
+    for name, grad in reference["grads"].items():
+        relative = ((kernels["grads"][name] - grad).norm() / grad.norm()).item()
+        print(f"  grad {name}: relative difference {relative:.2e}")
+        assert relative < 1e-3, name
+
+
+def test_converted_mamba_ssm_gives_mamba_ssms_logits(tmp_path):
+    pytest.importorskip("mamba_ssm")
+    from mamba_ssm.models.config_mamba import MambaConfig as RawConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+    from transformers import MambaForCausalLM
+
+    from conversion.convert_mamba_ssm import convert_mamba_ssm, mamba_ssm_reference
+
+    torch.manual_seed(0)
+    raw = RawConfig(d_model=256, n_layer=4, vocab_size=1003, ssm_cfg={}, pad_vocab_size_multiple=8)
+    source = MambaLMHeadModel(raw, device="cuda", dtype=torch.float32).eval()
+    source.save_pretrained(str(tmp_path / "raw"))
+    out = convert_mamba_ssm(tmp_path / "raw", tmp_path / "out", reference=mamba_ssm_reference(tmp_path / "raw"))
+
+    converted = MambaForCausalLM.from_pretrained(out, dtype=torch.float32).cuda().eval()
+    ids = torch.randint(0, 1003, (4, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    with torch.no_grad():
+        expected, actual = source(ids).logits.float(), converted(ids).logits
+    difference = (actual - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    print(f"\nconverted vs mamba_ssm: max |logits difference| {difference:.2e} (|logits| <= {scale:.1f})")
+    assert actual.shape == expected.shape
+    assert difference < ATOL
