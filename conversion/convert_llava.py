@@ -96,7 +96,7 @@ def convert_llava(
     image processor, and its weights when the checkpoint holds none. `reference(input_ids, pixel_values)` is the
     source model's forward, if one can run; its logits on a fixed random input must then match.
     """
-    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir = resolve_folder(checkpoint_dir)
     raw = read_json(checkpoint_dir / "config.json")
     options = llava_options(raw)
     vision_dir = resolve_folder(vision or raw["mm_vision_tower"])

@@ -5,7 +5,7 @@ format: `config.json` (`d_model, n_layer, vocab_size, ssm_cfg, rms_norm, residua
 pad_vocab_size_multiple`) and `pytorch_model.bin` with `backbone.embedding.weight`, `backbone.layers.{i}.*`,
 `backbone.norm_f.weight` and a tied `lm_head.weight`.
 
-    python -m conversion.convert_mamba_ssm RAW_DIR OUTPUT_DIR [--tokenizer DIR] [--dtype bfloat16] [--force]
+    python -m conversion.convert_mamba_ssm state-spaces/mamba-2.8b-slimpj OUT_DIR --tokenizer EleutherAI/gpt-neox-20b
 """
 
 import argparse
@@ -26,6 +26,7 @@ from conversion.checkpoint import (
     random_token_ids,
     read_checkpoint,
     read_json,
+    resolve_folder,
     verify_folder,
 )
 from conversion.hub_folder import MAX_SHARD_SIZE, save_folder
@@ -145,6 +146,7 @@ def convert_mamba_ssm(
     `mamba_ssm_reference`) its fp32 logits on a fixed random input must match; without one its weights must
     equal the converted tensors.
     """
+    raw_dir = resolve_folder(raw_dir)
     config, state_dict = convert_raw_weights(raw_dir, dtype)
     model = build_model(MambaForCausalLM, config, state_dict)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir is not None else None
@@ -160,11 +162,11 @@ def convert_mamba_ssm(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("raw_dir", help="folder with the mamba_ssm config.json and pytorch_model.bin / safetensors")
+    parser.add_argument("raw_dir", help="mamba_ssm folder or Hub id (config.json + pytorch_model.bin / safetensors)")
     add_output_arguments(parser)
     parser.add_argument("--tokenizer", help="tokenizer folder to copy in (e.g. EleutherAI/gpt-neox-20b)")
     args = parser.parse_args()
-    reference = mamba_ssm_reference(args.raw_dir)
+    reference = mamba_ssm_reference(resolve_folder(args.raw_dir))
     folder = convert_mamba_ssm(
         args.raw_dir,
         args.output_dir,
