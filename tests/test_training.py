@@ -1,0 +1,263 @@
+"""Two-stage training with TRL on tiny models: data reading, labels, freezing, LoRA, resume, bad data."""
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
+
+from conversion.hub_folder import save_folder
+from tests.conftest import make_image
+from training.data import DataError, VisionCollator, read_llava_json
+from training.sft import PRESETS, build_parser, build_trainer, resolved_hyperparameters, train
+from training.synthetic import generate, texts
+from training.tiny import tiny_config, tiny_model, tiny_processor
+from training.tokenizer import train_gpt_neox_tokenizer
+
+# The same run twice on CPU is bitwise reproducible; resuming reloads fp32 weights and optimizer states exactly.
+RESUME_ATOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A small synthetic dataset and an untrained tiny VL-Mamba built for it."""
+    root = tmp_path_factory.mktemp("training")
+    data = generate(root / "data", train_scenes=48, heldout_scenes=4, seed=1)
+    tokenizer = train_gpt_neox_tokenizer(texts(data) + ["<|user|>\n<|assistant|>\n<|system|>\n"], vocab_size=360)
+    config = tiny_config(tokenizer)
+    save_folder(tiny_model(config), root / "untrained", tiny_processor(tokenizer, config))
+    return root
+
+
+def arguments(workspace: Path, stage: int, output: str, *extra: str):
+    data = "captions.json" if stage == 1 else "conversations.json"
+    argv = ["--stage", str(stage), "--model", str(workspace / "untrained"), "--data", str(workspace / "data" / data)]
+    argv += ["--output-dir", str(workspace / output), "--global-batch-size", "8", "--per-device-batch-size", "8"]
+    argv += ["--max-steps", "6", "--learning-rate", "5e-3", "--no-gradient-checkpointing", "--num-workers", "0"]
+    argv += ["--logging-steps", "1", "--save-steps", "1000", "--seed", "3"]
+    return build_parser().parse_args(argv + list(extra))
+
+
+def parameters(model) -> dict[str, torch.Tensor]:
+    return {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
+def changed_parts(before: dict, after: dict) -> set[str]:
+    return {name.split(".")[1] for name in before if not torch.equal(before[name], after[name])}
+
+
+def fixed_batch_loss(model_dir: Path, workspace: Path, stage: int) -> float:
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    data = "captions.json" if stage == 1 else "conversations.json"
+    rows = read_llava_json(workspace / "data" / data, stage=stage)
+    batch = VisionCollator(processor, stage)([rows[i] for i in range(8)])
+    with torch.no_grad():
+        return model(**batch).loss.item()
+
+
+# ---------------------------------------------------------------- each stage trains what it should
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_few_steps_lower_the_loss_and_train_only_the_stages_parts(workspace, stage):
+    trainer = build_trainer(arguments(workspace, stage, f"stage{stage}"))
+    before = parameters(trainer.model)
+    trainer.train()
+    after = parameters(trainer.model)
+    expected = {"multi_modal_projector"} if stage == 1 else {"multi_modal_projector", "language_model"}
+    assert changed_parts(before, after) == expected  # everything else is bitwise unchanged
+    trainable = {name.split(".")[1] for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable == expected
+
+    final = train(arguments(workspace, stage, f"stage{stage}-run"))
+    assert (
+        fixed_batch_loss(final, workspace, stage) < fixed_batch_loss(workspace / "untrained", workspace, stage) - 0.1
+    )
+    record = json.loads((final / "training_args.json").read_text())
+    assert record["stage"] == stage and record["global_steps"] == 6
+    assert (final / "modeling_vlmamba.py").is_file() and (final / "processor_config.json").is_file()
+
+
+def test_lora_changes_only_adapters_and_the_connector(workspace):
+    trainer = build_trainer(arguments(workspace, 2, "lora", "--lora-r", "4"))
+    before = parameters(trainer.model)
+    trainer.train()
+    after = parameters(trainer.model)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all("lora_" in name or "multi_modal_projector.modules_to_save" in name for name in changed)
+    assert any("lora_B" in name and "language_model" in name for name in changed)
+    assert any("multi_modal_projector.modules_to_save" in name for name in changed)
+    targeted = {name.split(".lora_")[0] for name in before if "lora_A" in name}
+    assert targeted and all(name.endswith("mixer.in_proj") and "language_model" in name for name in targeted)
+    with pytest.raises(ValueError, match="--lora-r applies to stage 2"):
+        build_trainer(arguments(workspace, 1, "lora-stage1", "--lora-r", "4"))
+
+
+class Interrupt(Exception):
+    pass
+
+
+class InterruptAfter(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise Interrupt(f"interrupted after step {self.step}")
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(workspace):
+    straight = build_trainer(arguments(workspace, 2, "straight"))
+    straight.train()
+
+    args = arguments(workspace, 2, "interrupted", "--save-steps", "3")
+    interrupted = build_trainer(args)
+    interrupted.add_callback(InterruptAfter(4))
+    with pytest.raises(Interrupt):
+        interrupted.train()
+    assert (workspace / "interrupted" / "checkpoint-3").is_dir()
+    with pytest.raises(FileExistsError, match="holds checkpoints: pass --resume"):
+        build_trainer(args)
+    args.resume = True
+    resumed = train(args)
+    resumed_model = AutoModelForImageTextToText.from_pretrained(resumed, trust_remote_code=True)
+    reference = parameters(straight.model)
+    for name, value in parameters(resumed_model).items():
+        torch.testing.assert_close(value, reference[name], rtol=0, atol=RESUME_ATOL)
+
+
+# ---------------------------------------------------------------- labels, token by token
+
+
+def expected_tokens(processor, segments: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+    """Token ids and labels of a sample rendered as (text, labelled) segments, tokenized segment by segment."""
+    ids, labels = [], []
+    for text, labelled in segments:
+        pieces = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += pieces
+        labels += pieces if labelled else [-100] * len(pieces)
+    return ids, labels
+
+
+def assert_labels(batch, row: int, ids: list[int], labels: list[int]) -> None:
+    """The row equals `ids` where the attention mask is 1, with exactly `labels`; padding is unlabelled."""
+    mask = batch["attention_mask"][row].bool()
+    assert batch["input_ids"][row][mask].tolist() == ids
+    assert batch["labels"][row][mask].tolist() == labels
+    assert (batch["labels"][row][~mask] == -100).all()
+
+
+def test_stage_1_labels_cover_exactly_the_caption(workspace):
+    processor = AutoProcessor.from_pretrained(workspace / "untrained", trust_remote_code=True)
+    rows = read_llava_json(workspace / "data" / "captions.json", stage=1)
+    batch = VisionCollator(processor, stage=1)([rows[0], rows[1]])
+    caption = json.loads((workspace / "data" / "captions.json").read_text())[0]["conversations"][1]["value"]
+    image_tokens = "<image>" * processor.image_seq_length
+    ids, labels = expected_tokens(processor, [(image_tokens, False), (caption + "<|endoftext|>", True)])
+    assert_labels(batch, 0, ids, labels)
+
+
+def test_stage_2_labels_cover_exactly_the_assistant_turns(workspace):
+    processor = AutoProcessor.from_pretrained(workspace / "untrained", trust_remote_code=True)
+    records = json.loads((workspace / "data" / "conversations.json").read_text())
+    rows = read_llava_json(workspace / "data" / "conversations.json", stage=2)
+    batch = VisionCollator(processor, stage=2)([rows[0], rows[len(rows) - 1]])  # a scene, and a text-only record
+    image_tokens = "<image>" * processor.image_seq_length
+    for row, record in enumerate((records[0], records[-1])):
+        segments = []
+        for turn in record["conversations"]:
+            text = turn["value"].replace("<image>\n", image_tokens)
+            if turn["from"] == "human":
+                segments.append((f"<|user|>\n{text}<|endoftext|>\n<|assistant|>\n", False))
+            else:
+                segments += [(text + "<|endoftext|>", True), ("\n", False)]
+        ids, labels = expected_tokens(processor, segments)
+        assert_labels(batch, row, ids, labels)
+
+
+# ---------------------------------------------------------------- bad data
+
+
+def write_json(path: Path, records) -> Path:
+    path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"id": "r1", "conversations": []}, "Record r1: 'conversations' must be a non-empty list"),
+        ({"id": "r2", "conversations": [{"from": "bot", "value": "x"}]}, "Record r2: turn 0 must be"),
+        (
+            {"id": "r3", "conversations": [{"from": "human", "value": "hi"}]},
+            "Record r3: the conversation has no assistant",
+        ),
+        ({"id": "r4", "image": "nope.png", "conversations": []}, "Record r4: image file not found: .*nope.png"),
+        (
+            {
+                "id": "r5",
+                "image": "a.png",
+                "conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}],
+            },
+            "Record r5: 0 <image> placeholders but 1 images",
+        ),
+        ({"id": "r6", "image": 3, "conversations": []}, "Record r6: 'image' must be a path or a list of paths"),
+    ],
+)
+def test_bad_records_name_the_record_and_file(tmp_path, record, message):
+    make_image().save(tmp_path / "a.png")
+    with pytest.raises(DataError, match=message):
+        read_llava_json(write_json(tmp_path / "bad.json", [record]))
+
+
+def test_skip_bad_samples_warns_and_counts(tmp_path, caplog):
+    make_image().save(tmp_path / "a.png")
+    good = {
+        "id": "ok",
+        "image": "a.png",
+        "conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}],
+    }
+    bad = {"id": "broken", "image": "missing.png", "conversations": good["conversations"]}
+    with caplog.at_level(logging.WARNING):
+        rows = read_llava_json(write_json(tmp_path / "mixed.json", [good, bad, good]), skip_bad_samples=True)
+    assert len(rows) == 2
+    assert "Record broken: image file not found" in caplog.text and "Skipped 1 bad samples of 3" in caplog.text
+    (tmp_path / "broken.json").write_text("[{")
+    with pytest.raises(DataError, match="broken.json is not valid JSON"):
+        read_llava_json(tmp_path / "broken.json")
+
+
+def test_unreadable_image_names_the_record_or_is_skipped(workspace, tmp_path):
+    processor = AutoProcessor.from_pretrained(workspace / "untrained", trust_remote_code=True)
+    shutil.copy(workspace / "data" / "images" / "000000.png", tmp_path / "fine.png")
+    (tmp_path / "corrupt.png").write_bytes(b"not a png")
+    turns = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]
+    records = [
+        {"id": "fine", "image": "fine.png", "conversations": turns},
+        {"id": "bad", "image": "corrupt.png", "conversations": turns},
+    ]
+    rows = read_llava_json(write_json(tmp_path / "data.json", records))
+    with pytest.raises(DataError, match=r"Record bad: cannot use image .*corrupt.png"):
+        VisionCollator(processor, stage=2)([rows[0], rows[1]])
+    collator = VisionCollator(processor, stage=2, skip_bad_samples=True)
+    batch = collator([rows[0], rows[1]])
+    assert batch["input_ids"].shape[0] == 1 and collator.skipped.value == 1
+
+
+def test_stage_presets_and_their_overrides(workspace):
+    stage_1 = resolved_hyperparameters(
+        build_parser().parse_args(["--stage", "1", "--model", "m", "--data", "d", "--output-dir", "o"])
+    )
+    assert stage_1["learning_rate"] == PRESETS[1]["learning_rate"] == 1e-3
+    assert stage_1["global_batch_size"] == 256 and stage_1["gradient_accumulation_steps"] == 8
+    stage_2 = build_parser().parse_args(["--stage", "2", "--model", "m", "--data", "d", "--output-dir", "o"])
+    assert resolved_hyperparameters(stage_2)["gradient_accumulation_steps"] == 128 // 16
+    odd = build_parser().parse_args(
+        ["--stage", "2", "--model", "m", "--data", "d", "--output-dir", "o", "--global-batch-size", "100"]
+    )
+    with pytest.raises(ValueError, match="--global-batch-size 100 is not a multiple of the per-device batch 16"):
+        resolved_hyperparameters(odd)

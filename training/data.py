@@ -1,0 +1,197 @@
+"""Training data for both stages: the LLaVA-JSON reader, Hugging Face datasets, and the batch collator.
+
+LLaVA JSON: `[{"id", "image"?: path or list of paths, "conversations": [{"from": "human"|"gpt", "value"}]}]` with
+image paths relative to an image folder. Records become rows that hold image *paths*; the collator decodes a
+batch's images when the batch is drawn, so a 665K-image dataset never sits in memory.
+
+- Stage 1 (LLaVA "plain"): `prompt` = the record's `<image>` placeholders, `completion` = the caption + end of text;
+  the loss covers the completion only.
+- Stage 2 (chat): `messages` in TRL's structured format, images in place of each `<image>`; the loss covers the
+  assistant turns only (the chat template's `{% generation %}` blocks).
+"""
+
+import json
+import logging
+import multiprocessing
+from pathlib import Path
+
+import datasets
+from tqdm.auto import tqdm
+from transformers import ProcessorMixin
+from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+from modeling_vlmamba.processing_vlmamba import load_rgb_image
+
+logger = logging.getLogger(__name__)
+
+IMAGE_PLACEHOLDER = "<image>"
+ROLES = {"human": "user", "gpt": "assistant"}
+
+
+class DataError(ValueError):
+    """A record that cannot be trained on; the message names the record and, where one is involved, the file."""
+
+
+def _image_paths(record: dict, record_id: str, image_folder: Path) -> list[Path]:
+    images = record.get("image", [])
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(name, str) for name in images):
+        raise DataError(f"Record {record_id}: 'image' must be a path or a list of paths, got {images!r}.")
+    paths = [image_folder / name for name in images]
+    for path in paths:
+        if not path.is_file():
+            raise DataError(f"Record {record_id}: image file not found: {path}")
+    return paths
+
+
+def _turns(record: dict, record_id: str, num_images: int) -> list[tuple[str, str]]:
+    conversation = record.get("conversations")
+    if not isinstance(conversation, list) or not conversation:
+        raise DataError(f"Record {record_id}: 'conversations' must be a non-empty list.")
+    turns = []
+    for number, message in enumerate(conversation):
+        if (
+            not isinstance(message, dict)
+            or message.get("from") not in ROLES
+            or not isinstance(message.get("value"), str)
+        ):
+            raise DataError(
+                f"Record {record_id}: turn {number} must be {{'from': 'human' or 'gpt', 'value': text}}, "
+                f"got {message!r}."
+            )
+        turns.append((ROLES[message["from"]], message["value"]))
+    if not any(role == "assistant" for role, _ in turns):
+        raise DataError(f"Record {record_id}: the conversation has no assistant ('gpt') turn to learn from.")
+    placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
+    if placeholders != num_images:
+        raise DataError(
+            f"Record {record_id}: {placeholders} {IMAGE_PLACEHOLDER} placeholders but {num_images} images."
+        )
+    return turns
+
+
+def _content(text: str) -> list[dict]:
+    """Text with `<image>` placeholders -> structured blocks, each image where its placeholder was."""
+    blocks = []
+    for number, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if number > 0:
+            blocks.append({"type": "image", "text": None})
+            piece = piece.removeprefix("\n")  # LLaVA writes "<image>\n{question}"
+        if piece:
+            blocks.append({"type": "text", "text": piece})
+    return blocks
+
+
+def llava_row(record: dict, index: int, image_folder: Path, stage: int, eos_token: str) -> dict:
+    """One LLaVA-JSON record as a training row of `stage` (see the module docstring); raises `DataError`."""
+    if not isinstance(record, dict):
+        raise DataError(f"Record #{index} is not an object: {record!r}.")
+    record_id = str(record.get("id", f"#{index}"))
+    paths = _image_paths(record, record_id, image_folder)
+    turns = _turns(record, record_id, len(paths))
+    images = [str(path) for path in paths]
+    if stage == 1:
+        if [role for role, _ in turns] != ["user", "assistant"] or not paths:
+            raise DataError(f"Record {record_id}: stage 1 takes one human turn with the image(s) and one gpt caption.")
+        return {
+            "id": record_id,
+            "images": images,
+            "prompt": IMAGE_PLACEHOLDER * len(paths),
+            "completion": turns[1][1] + eos_token,
+        }
+    messages = [{"role": role, "content": _content(text)} for role, text in turns]
+    return {"id": record_id, "images": images, "messages": messages}
+
+
+def read_llava_json(
+    json_path: str | Path,
+    image_folder: str | Path | None = None,
+    stage: int = 2,
+    eos_token: str = "<|endoftext|>",
+    skip_bad_samples: bool = False,
+) -> datasets.Dataset:
+    """Read a LLaVA-JSON file into a `datasets.Dataset` of stage `stage` rows (image paths, decoded per batch).
+
+    Every record is checked: its structure, an assistant turn, one `<image>` per image, and that each image file
+    exists. A bad record raises `DataError` naming it (and the file); with `skip_bad_samples` it is left out with
+    a warning, and the number left out is logged at the end.
+    """
+    json_path = Path(json_path)
+    image_folder = Path(image_folder) if image_folder is not None else json_path.parent
+    try:
+        records = json.loads(json_path.read_text())
+    except json.JSONDecodeError as error:
+        raise DataError(f"{json_path} is not valid JSON: {error}") from error
+    if not isinstance(records, list):
+        raise DataError(f"{json_path} must hold a list of records, got {type(records).__name__}.")
+    rows, skipped = [], 0
+    for index, record in enumerate(tqdm(records, desc=f"Reading {json_path.name}", unit="record")):
+        try:
+            rows.append(llava_row(record, index, image_folder, stage, eos_token))
+        except DataError as error:
+            if not skip_bad_samples:
+                raise
+            skipped += 1
+            logger.warning(f"Skipping a bad sample: {error}")
+    if skipped:
+        logger.warning(f"Skipped {skipped} bad samples of {len(records)} in {json_path}.")
+    if not rows:
+        raise DataError(f"{json_path} has no usable records.")
+    return datasets.Dataset.from_list(rows)
+
+
+class VisionCollator:
+    """Builds training batches: decodes each batch's images, then lets TRL's vision collator tokenize and label it.
+
+    Labels are -100 on prompts (stage 1) or non-assistant turns (stage 2), on padding, and always on image tokens.
+    A sample whose image cannot be decoded raises `DataError` naming the record and file; with `skip_bad_samples`
+    it is dropped with a warning and counted in `skipped` (shared with dataloader workers).
+    """
+
+    def __init__(self, processor: ProcessorMixin, stage: int, max_length: int | None = None, skip_bad_samples=False):
+        self.collator = DataCollatorForVisionLanguageModeling(
+            processor,
+            max_length=max_length,
+            completion_only_loss=stage == 1,
+            assistant_only_loss=stage == 2,
+        )
+        self.image_token_id = processor.image_token_id
+        self.skip_bad_samples = skip_bad_samples
+        self.skipped = multiprocessing.Value("i", 0)
+
+    def _decode(self, example: dict) -> dict | None:
+        images = []
+        for image in example.get("images") or []:
+            try:
+                images.append(load_rgb_image(image))
+            except (OSError, ValueError) as error:
+                message = f"Record {example.get('id', '?')}: cannot use image {image}: {error}"
+                if not self.skip_bad_samples:
+                    raise DataError(message) from error
+                with self.skipped.get_lock():
+                    self.skipped.value += 1
+                logger.warning(f"Skipping a bad sample: {message}")
+                return None
+        return {**example, "images": images}
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = [decoded for decoded in map(self._decode, examples) if decoded is not None]
+        if not batch:
+            raise DataError("Every sample of a batch had an unreadable image; check the image folder.")
+        output = self.collator(batch)
+        output["labels"][output["input_ids"] == self.image_token_id] = -100
+        return output
+
+
+def load_hf_dataset(name_or_path: str, split: str = "train") -> datasets.Dataset:
+    """A Hugging Face dataset (saved folder or Hub id) with `images` and `messages` columns."""
+    path = Path(name_or_path)
+    if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+        dataset = datasets.load_from_disk(str(path))
+        dataset = dataset[split] if isinstance(dataset, datasets.DatasetDict) else dataset
+    else:
+        dataset = datasets.load_dataset(name_or_path, split=split)
+    missing = {"images", "messages"} - set(dataset.column_names)
+    if missing:
+        raise DataError(f"{name_or_path} lacks the column(s) {sorted(missing)}; it needs 'images' and 'messages'.")
+    return dataset

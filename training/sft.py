@@ -1,0 +1,234 @@
+"""Two-stage VL-Mamba training with TRL's SFTTrainer (paper Sec. 4.1.1, the LLaVA-1.5 recipe).
+
+Stage 1 (alignment) trains the connector on captions, vision encoder and LLM frozen. Stage 2 (instruction tuning)
+trains the connector and the LLM on conversations, the vision encoder frozen (`--train-vision` unfreezes it).
+Every LLaVA-1.5 hyperparameter of the stage is the default and can be overridden.
+
+    python -m training.sft --stage 1 --model vlmamba-untrained --data blip_laion_cc_sbu_558k.json \\
+        --image-folder images --output-dir runs/stage1
+    python -m training.sft --stage 2 --model runs/stage1/final --data llava_v1_5_mix665k.json \\
+        --image-folder images --output-dir runs/stage2
+
+Checkpoints go to OUTPUT_DIR/checkpoint-*; the trained model, ready for the Hub (remote code, processor,
+generation config, the run's arguments), to OUTPUT_DIR/final. Multi-GPU: `accelerate launch --config_file
+training/configs/<ddp|fsdp2|zero2>.yaml -m training.sft ...`.
+"""
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers.trainer_utils import get_last_checkpoint
+from trl import SFTConfig, SFTTrainer
+
+from conversion.checkpoint import DTYPES
+from conversion.hub_folder import save_folder
+from training.data import VisionCollator, load_hf_dataset, read_llava_json
+
+# LLaVA-1.5 (scripts/v1_5/pretrain.sh, finetune.sh): the global batch is split over devices and accumulation.
+PRESETS = {
+    1: {"learning_rate": 1e-3, "global_batch_size": 256, "per_device_batch_size": 32},
+    2: {"learning_rate": 2e-5, "global_batch_size": 128, "per_device_batch_size": 16},
+}
+CONNECTOR = "model.multi_modal_projector."
+LANGUAGE_MODEL = ("model.language_model.", "lm_head.")
+VISION = "model.vision_tower."
+# On Mamba-1 only `in_proj` is called as a module on every path (the fused kernel reads the other weights raw).
+LORA_TARGETS = r".*language_model.*\.in_proj"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", type=int, choices=[1, 2], required=True)
+    parser.add_argument("--model", required=True, help="VL-Mamba folder or Hub id (conversion.compose, or stage 1)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="LLaVA-JSON file")
+    source.add_argument("--dataset", help="Hugging Face dataset (folder or Hub id) with images + messages columns")
+    parser.add_argument("--image-folder", help="folder the JSON's image paths are relative to (default: its folder)")
+    parser.add_argument("--output-dir", required=True)
+    preset = parser.add_argument_group("hyperparameters (defaults: the LLaVA-1.5 values of the stage)")
+    preset.add_argument("--learning-rate", type=float)
+    preset.add_argument("--global-batch-size", type=int, help="per-device batch x devices x accumulation steps")
+    preset.add_argument("--per-device-batch-size", type=int)
+    preset.add_argument("--epochs", type=float, default=1.0)
+    preset.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
+    preset.add_argument("--warmup-ratio", type=float, default=0.03)
+    preset.add_argument("--weight-decay", type=float, default=0.0)
+    preset.add_argument("--lr-scheduler", default="cosine")
+    preset.add_argument("--max-length", type=int, help="truncate longer samples (default: no truncation)")
+    parser.add_argument("--train-vision", action="store_true", help="also train the vision encoder")
+    parser.add_argument("--lora-r", type=int, default=0, help="LoRA rank on the LLM's in_proj (stage 2; 0: off)")
+    parser.add_argument("--lora-alpha", type=int, help="LoRA alpha (default: 2 x rank)")
+    parser.add_argument("--lora-dropout", type=float, default=0.05)
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="default: on where CUDA supports it")
+    parser.add_argument(
+        "--save-dtype", choices=sorted(DTYPES), help="dtype of the final model (default: bf16 if trained in bf16)"
+    )
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--logging-steps", type=int, default=10)
+    parser.add_argument("--save-steps", type=int, default=500)
+    parser.add_argument("--save-total-limit", type=int, default=2)
+    parser.add_argument("--num-workers", type=int, default=4, help="dataloader workers decoding images")
+    parser.add_argument("--report-to", default="none", help="e.g. tensorboard, wandb")
+    parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output-dir")
+    parser.add_argument(
+        "--skip-bad-samples", action="store_true", help="warn about and count bad samples instead of stopping"
+    )
+    return parser
+
+
+def resolved_hyperparameters(args: argparse.Namespace) -> dict:
+    """The stage preset with the command line's overrides, and the accumulation steps the global batch implies."""
+    values = {**PRESETS[args.stage]}
+    for name in values:
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    per_step = values["per_device_batch_size"] * world_size
+    if values["global_batch_size"] % per_step:
+        raise ValueError(
+            f"--global-batch-size {values['global_batch_size']} is not a multiple of the per-device batch "
+            f"{values['per_device_batch_size']} x {world_size} devices; change one of them."
+        )
+    values["gradient_accumulation_steps"] = values["global_batch_size"] // per_step
+    return values
+
+
+def set_trainable(model: torch.nn.Module, stage: int, train_vision: bool = False, lora: bool = False) -> dict:
+    """Freeze per stage: stage 1 trains the connector; stage 2 the connector and the LLM (not with LoRA, whose
+    adapters PEFT adds); `train_vision` adds the vision encoder. Returns the trainable parameter count per part."""
+    trainable = (CONNECTOR,)
+    if stage == 2 and not lora:
+        trainable += LANGUAGE_MODEL
+    if train_vision:
+        trainable += (VISION,)
+    counts = {}
+    for name, param in model.named_parameters():
+        param.requires_grad = name.startswith(trainable)
+        if param.requires_grad:
+            part = name.split(".")[1] if name.startswith("model.") else name.split(".")[0]
+            counts[part] = counts.get(part, 0) + param.numel()
+    return counts
+
+
+def lora_config(args: argparse.Namespace) -> LoraConfig | None:
+    if not args.lora_r:
+        return None
+    if args.stage == 1:
+        raise ValueError("--lora-r applies to stage 2: stage 1 trains the connector only.")
+    return LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha or 2 * args.lora_r,
+        lora_dropout=args.lora_dropout,
+        target_modules=LORA_TARGETS,
+        modules_to_save=["multi_modal_projector"] + (["vision_tower"] if args.train_vision else []),
+    )
+
+
+def build_trainer(args: argparse.Namespace) -> SFTTrainer:
+    """The SFTTrainer of a stage: model frozen per stage, data, collator, presets and optional LoRA."""
+    output_dir = Path(args.output_dir)
+    if not args.resume and get_last_checkpoint_or_none(output_dir) is not None:
+        raise FileExistsError(f"{output_dir} holds checkpoints: pass --resume to continue, or another --output-dir.")
+    hyper = resolved_hyperparameters(args)
+    bf16 = args.bf16 if args.bf16 is not None else bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True, dtype=torch.float32)
+    lora = lora_config(args)
+    set_trainable(model, args.stage, args.train_vision, lora=lora is not None)
+    if args.data:
+        eos = processor.tokenizer.eos_token
+        dataset = read_llava_json(args.data, args.image_folder, args.stage, eos, args.skip_bad_samples)
+    else:
+        dataset = load_hf_dataset(args.dataset)
+    config = SFTConfig(
+        output_dir=str(output_dir),
+        learning_rate=hyper["learning_rate"],
+        per_device_train_batch_size=hyper["per_device_batch_size"],
+        gradient_accumulation_steps=hyper["gradient_accumulation_steps"],
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        lr_scheduler_type=args.lr_scheduler,
+        warmup_steps=args.warmup_ratio,  # a float below 1 is a ratio of the total steps
+        weight_decay=args.weight_decay,
+        bf16=bf16,
+        gradient_checkpointing=args.gradient_checkpointing,
+        logging_steps=args.logging_steps,
+        save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit,
+        seed=args.seed,
+        data_seed=args.seed,
+        dataloader_num_workers=args.num_workers,
+        report_to=args.report_to,
+        max_length=args.max_length,
+        remove_unused_columns=False,  # the collator needs the record id for its errors
+    )
+    collator = VisionCollator(processor, args.stage, args.max_length, args.skip_bad_samples)
+    return SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=dataset,
+        data_collator=collator,
+        processing_class=processor,
+        peft_config=lora,
+    )
+
+
+def get_last_checkpoint_or_none(output_dir: Path) -> str | None:
+    return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+
+
+def save_final(trainer: SFTTrainer, args: argparse.Namespace) -> Path:
+    """Write OUTPUT_DIR/final: the trained model (LoRA merged), processor, remote code and the run's arguments."""
+    final_dir = Path(args.output_dir) / "final"
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if trainer.is_fsdp_enabled:  # sharded parameters: gather a full copy of the weights
+        state_dict = trainer.accelerator.get_state_dict(trainer.model)
+        if not trainer.is_world_process_zero():
+            return final_dir
+        model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True, dtype=torch.float32)
+        model.load_state_dict(state_dict)
+    if not trainer.is_world_process_zero():
+        return final_dir
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    save_dtype = args.save_dtype or ("bfloat16" if trainer.args.bf16 else "float32")
+    model = model.to(DTYPES[save_dtype]).eval()
+    record = {
+        "stage": args.stage,
+        "arguments": vars(args),
+        "hyperparameters": resolved_hyperparameters(args),
+        "world_size": trainer.args.world_size,
+        "global_steps": trainer.state.global_step,
+        "log_history": trainer.state.log_history,
+    }
+    save_folder(model, final_dir, trainer.processing_class, force=True)
+    (final_dir / "training_args.json").write_text(json.dumps(record, indent=2, default=str))
+    return final_dir
+
+
+def train(args: argparse.Namespace) -> Path:
+    """Run one stage end to end; returns the final folder."""
+    trainer = build_trainer(args)
+    checkpoint = get_last_checkpoint_or_none(Path(args.output_dir)) if args.resume else None
+    trainer.train(resume_from_checkpoint=checkpoint)
+    skipped = trainer.data_collator.skipped.value
+    if skipped:
+        print(f"Skipped {skipped} samples whose images could not be decoded.")
+    final_dir = save_final(trainer, args)
+    trainer.accelerator.wait_for_everyone()
+    return final_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    print(f"Stage {args.stage} model saved to {train(args)}")
+
+
+if __name__ == "__main__":
+    main()
