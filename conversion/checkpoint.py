@@ -24,8 +24,13 @@ WEIGHT_FILES = (
 )
 # fp32 logits of two implementations of the same network differ by summation order only.
 LOGITS_ATOL = 1e-3
-# Relative L2 error of logits allowed when the weights were rounded to fp16 / bf16.
+# Relative L2 error of logits allowed when the weights were rounded to fp16 / bf16 (tests/test_conversion.py shows
+# that one wrongly mapped tensor of a tiny model already exceeds it).
 HALF_PRECISION_RTOL = 0.05
+# The parts of a VL-Mamba, as parameter-name prefixes.
+CONNECTOR = "model.multi_modal_projector"
+VISION_TOWER = "model.vision_tower"
+LANGUAGE_MODEL = ("model.language_model", "lm_head")
 
 
 class ConversionError(ValueError):
@@ -87,6 +92,11 @@ class KeyMap:
     def then(self, other: "KeyMap") -> "KeyMap":
         """This map's rules, then `other`'s, for sources that mix layouts (e.g. vision + language weights)."""
         return KeyMap(self.rules + other.rules, self.dropped + other.dropped)
+
+
+def tied_keys(model_class: type[PreTrainedModel], config: PretrainedConfig) -> dict[str, str]:
+    """The `{tied name: shared name}` pairs `model_class` ties under `config`."""
+    return dict(model_class._tied_weights_keys) if config.tie_word_embeddings else {}
 
 
 def expected_tensors(model_class: type[PreTrainedModel], config: PretrainedConfig) -> dict[str, torch.Tensor]:

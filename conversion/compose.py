@@ -23,6 +23,9 @@ from transformers import (
 )
 
 from conversion.checkpoint import (
+    CONNECTOR,
+    LANGUAGE_MODEL,
+    VISION_TOWER,
     ConversionError,
     KeyMap,
     add_output_arguments,
@@ -34,17 +37,17 @@ from conversion.checkpoint import (
     random_token_ids,
     read_checkpoint,
     resolve_folder,
+    tied_keys,
     verification_device,
     verify_folder,
 )
 from conversion.convert_mamba_ssm import convert_raw_weights, is_raw_mamba_ssm
-from conversion.hub_folder import MAX_SHARD_SIZE, save_folder
+from conversion.hub_folder import MAX_SHARD_SIZE, check_output_dir, save_folder
+from model_cards import hub_ids, write_card
 from modeling_vlmamba import VLMambaConfig, VLMambaForConditionalGeneration, VLMambaProcessor
 from modeling_vlmamba.configuration_vlmamba import PROJECTOR_TYPES, SCAN_TYPES
+from modeling_vlmamba.processing_vlmamba import IMAGE_ASPECT_RATIOS, IMAGE_TOKEN, PAD_TOKEN
 
-IMAGE_TOKEN = "<image>"
-PAD_TOKEN = "<|padding|>"
-CONNECTOR = "model.multi_modal_projector"
 FULL_MODEL_TYPES = {"siglip": "siglip_vision_model", "clip": "clip_vision_model"}
 # transformers' Mamba (MambaForCausalLM) names -> VL-Mamba names. Old checkpoints say `embedding`, not `embeddings`.
 LANGUAGE_MODEL_KEYS = KeyMap(
@@ -59,7 +62,8 @@ LANGUAGE_MODEL_KEYS = KeyMap(
 def vision_source(folder: Path) -> tuple[PretrainedConfig, KeyMap]:
     """The vision config of a SigLIP/CLIP folder and the key map that places its weights in the vision tower."""
     config = AutoConfig.from_pretrained(folder)
-    dropped = []
+    # transformers 4 checkpoints before 4.31 saved the position ids buffer; the model computes it.
+    dropped = [r"(vision_model\.)?embeddings\.position_ids"]
     if config.model_type in FULL_MODEL_TYPES:
         config = config.vision_config
         dropped += [r"text_model\..+", r"logit_(scale|bias)", r"(visual|text)_projection\..+"]
@@ -72,7 +76,7 @@ def vision_source(folder: Path) -> tuple[PretrainedConfig, KeyMap]:
         config.vision_use_head = False  # VL-Mamba uses the patch features, never the pooling head
         dropped.append(r"(vision_model\.)?head\..+")
     # Full models and older vision-only checkpoints prefix the tower with `vision_model.`; transformers 5 does not.
-    return config, KeyMap([(r"(?:vision_model\.)?(.+)", r"model.vision_tower.\1")], dropped)
+    return config, KeyMap([(r"(?:vision_model\.)?(.+)", VISION_TOWER + r".\1")], dropped)
 
 
 def language_model_source(folder: Path) -> tuple[MambaConfig, dict[str, torch.Tensor]]:
@@ -101,6 +105,43 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> Pr
     return tokenizer
 
 
+def assemble(
+    vision_dir: Path,
+    vision_config: PretrainedConfig,
+    text_config: MambaConfig,
+    tokenizer_dir: Path,
+    image_aspect_ratio: str = "pad",
+    **options,
+) -> tuple[VLMambaConfig, VLMambaProcessor]:
+    """The VL-Mamba config and processor for a vision encoder and an LLM: the tokenizer gets `<image>`, the image
+    processor (PIL backend) comes from the vision folder. `options` are further `VLMambaConfig` fields."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    except (OSError, ValueError) as error:
+        raise ConversionError(
+            f"No tokenizer in {tokenizer_dir}: pass --tokenizer (the Mamba LLMs use EleutherAI/gpt-neox-20b)."
+        ) from error
+    tokenizer = prepare_tokenizer(tokenizer, text_config.vocab_size)
+    if tokenizer.pad_token_id is not None:
+        text_config.pad_token_id = tokenizer.pad_token_id
+    options.setdefault(
+        "vision_feature_select_strategy", "default" if vision_config.model_type == "clip_vision_model" else "full"
+    )
+    config = VLMambaConfig(
+        vision_config=vision_config.to_dict(),
+        text_config=text_config.to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        **options,
+    )
+    processor = VLMambaProcessor(
+        AutoImageProcessor.from_pretrained(vision_dir, backend="pil"),
+        tokenizer,
+        image_seq_length=config.image_seq_length,
+        image_aspect_ratio=image_aspect_ratio,
+    )
+    return config, processor
+
+
 def compose(
     vision: str | Path,
     llm: str | Path,
@@ -120,35 +161,26 @@ def compose(
     Verified before it is moved into place: the folder reloads to the composed tensors, its text-only logits equal
     the source LLM's, and its vision tower's hidden states equal the source encoder's.
     """
+    check_output_dir(output_dir, force)
     vision_dir, llm_dir = resolve_folder(vision), resolve_folder(llm)
     vision_config, vision_keys = vision_source(vision_dir)
     text_config, llm_weights = language_model_source(llm_dir)
-    tokenizer_dir = resolve_folder(tokenizer) if tokenizer is not None else llm_dir
-    try:
-        text_tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    except (OSError, ValueError) as error:
-        raise ConversionError(
-            f"No tokenizer in {tokenizer_dir}: pass --tokenizer (the Mamba LLMs use EleutherAI/gpt-neox-20b)."
-        ) from error
-    text_tokenizer = prepare_tokenizer(text_tokenizer, text_config.vocab_size)
-    if text_tokenizer.pad_token_id is not None:
-        text_config.pad_token_id = text_tokenizer.pad_token_id
-
-    config = VLMambaConfig(
-        vision_config=vision_config.to_dict(),
-        text_config=text_config.to_dict(),
+    config, processor = assemble(
+        vision_dir,
+        vision_config,
+        text_config,
+        resolve_folder(tokenizer) if tokenizer is not None else llm_dir,
+        image_aspect_ratio,
         projector_type=projector_type,
         scan_type=scan_type,
         vision_feature_layer=vision_feature_layer,
-        vision_feature_select_strategy="default" if vision_config.model_type == "clip_vision_model" else "full",
-        image_token_id=text_tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
     )
     expected = expected_tensors(VLMambaForConditionalGeneration, config)
-    tied = {"lm_head.weight": "model.language_model.embeddings.weight"} if config.tie_word_embeddings else {}
+    tied = tied_keys(VLMambaForConditionalGeneration, config)
     state_dict = {}
     for name, prefixes, source, key_map in (
-        ("vision encoder", ("model.vision_tower.",), read_checkpoint(vision_dir), vision_keys),
-        ("language model", ("model.language_model.", "lm_head."), llm_weights, LANGUAGE_MODEL_KEYS),
+        ("vision encoder", (VISION_TOWER,), read_checkpoint(vision_dir), vision_keys),
+        ("language model", LANGUAGE_MODEL, llm_weights, LANGUAGE_MODEL_KEYS),
     ):
         part = {key: tensor for key, tensor in expected.items() if key.startswith(prefixes)}
         state_dict |= convert_state_dict(
@@ -157,13 +189,6 @@ def compose(
     model = build_model(VLMambaForConditionalGeneration, config, state_dict, initialize=[CONNECTOR], seed=seed)
     if dtype is not None:
         model.to(dtype)  # the fresh connector too
-    image_processor = AutoImageProcessor.from_pretrained(vision_dir, backend="pil")
-    processor = VLMambaProcessor(
-        image_processor,
-        text_tokenizer,
-        image_seq_length=config.image_seq_length,
-        image_aspect_ratio=image_aspect_ratio,
-    )
 
     input_ids = random_token_ids(config.text_config.vocab_size)
     input_ids = input_ids.masked_fill(input_ids == config.image_token_id, 0)  # text only: no image placeholders
@@ -199,8 +224,14 @@ def compose(
             for state, source in zip(states, vision_states, strict=True)
         )
         print(f"Verified: vision hidden states match the source encoder (max |difference| {difference:.2e}).")
+        description = (
+            f"An untrained VL-Mamba composed from the vision encoder `{vision}` and the language model `{llm}`, "
+            f"with a `{projector_type}` connector initialised at random (seed {seed}). Train it with "
+            "`python -m training.sft --stage 1` (connector alignment) before use."
+        )
+        write_card(folder, {"description": description, "base_model": hub_ids(vision, llm)})
 
-    return save_folder(model, output_dir, processor, force=force, max_shard_size=max_shard_size, verify=verify)
+    return save_folder(model, output_dir, processor, force=force, max_shard_size=max_shard_size, finalize=verify)
 
 
 def main() -> None:
@@ -212,7 +243,7 @@ def main() -> None:
     parser.add_argument("--projector-type", default="vss_l2", choices=PROJECTOR_TYPES)
     parser.add_argument("--scan-type", default="bidirectional", choices=SCAN_TYPES)
     parser.add_argument("--vision-feature-layer", type=int, default=-2)
-    parser.add_argument("--image-aspect-ratio", default="pad", choices=["pad", "resize"])
+    parser.add_argument("--image-aspect-ratio", default="pad", choices=IMAGE_ASPECT_RATIOS)
     parser.add_argument("--seed", type=int, default=0, help="seed of the connector's initialisation")
     args = parser.parse_args()
     folder = compose(

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+from transformers import AutoProcessor
 
 from conversion.checkpoint import (
+    CONNECTOR,
     ConversionError,
     KeyMap,
     ReferenceForward,
@@ -30,19 +31,20 @@ from conversion.checkpoint import (
     read_checkpoint,
     read_json,
     resolve_folder,
+    tied_keys,
     verify_folder,
 )
-from conversion.compose import IMAGE_TOKEN, prepare_tokenizer, vision_source
+from conversion.compose import assemble, vision_source
 from conversion.convert_mamba_ssm import mamba_config_from_raw
-from conversion.hub_folder import MAX_SHARD_SIZE, save_folder
-from modeling_vlmamba import VLMambaConfig, VLMambaForConditionalGeneration, VLMambaProcessor
+from conversion.hub_folder import MAX_SHARD_SIZE, check_output_dir, save_folder
+from model_cards import hub_ids, read_card_data, write_card
+from modeling_vlmamba import VLMambaConfig, VLMambaForConditionalGeneration
 
-CONNECTOR = "model.multi_modal_projector."
 # LLaVA's `mlp2x_gelu` is Sequential(Linear, GELU, Linear): indices 0 and 2 hold the weights.
 MM_PROJECTOR_KEYS = KeyMap(
     rules=[
-        (r"(?:model\.)?mm_projector\.0\.(weight|bias)", CONNECTOR + r"linear_1.\1"),
-        (r"(?:model\.)?mm_projector\.2\.(weight|bias)", CONNECTOR + r"linear_2.\1"),
+        (r"(?:model\.)?mm_projector\.0\.(weight|bias)", CONNECTOR + r".linear_1.\1"),
+        (r"(?:model\.)?mm_projector\.2\.(weight|bias)", CONNECTOR + r".linear_2.\1"),
     ]
 )
 LLAVA_MAMBA_KEYS = KeyMap(
@@ -61,6 +63,9 @@ ASPECT_RATIOS = {"pad": "pad", None: "resize", "square": "resize", "resize": "re
 
 def llava_options(raw: dict) -> dict:
     """VLMambaConfig / processor options for LLaVA's `mm_*` config keys; raises for what VL-Mamba cannot express."""
+    for flag in ("mm_use_im_start_end", "mm_use_im_patch_token"):
+        if raw.get(flag):
+            raise ConversionError(f"{flag}=true is not supported: VL-Mamba marks an image with <image> tokens only.")
     projector = raw.get("mm_projector_type", "linear")
     if projector != "mlp2x_gelu":
         raise ConversionError(
@@ -96,24 +101,14 @@ def convert_llava(
     image processor, and its weights when the checkpoint holds none. `reference(input_ids, pixel_values)` is the
     source model's forward, if one can run; its logits on a fixed random input must then match.
     """
+    check_output_dir(output_dir, force)
     checkpoint_dir = resolve_folder(checkpoint_dir)
     raw = read_json(checkpoint_dir / "config.json")
     options = llava_options(raw)
     vision_dir = resolve_folder(vision or raw["mm_vision_tower"])
     vision_config, vision_keys = vision_source(vision_dir)
-    text_config = mamba_config_from_raw(raw)
-    text_tokenizer = prepare_tokenizer(
-        AutoTokenizer.from_pretrained(resolve_folder(tokenizer) if tokenizer else checkpoint_dir),
-        text_config.vocab_size,
-    )
-    text_config.pad_token_id = text_tokenizer.pad_token_id
-    aspect_ratio = options.pop("image_aspect_ratio")
-    config = VLMambaConfig(
-        vision_config=vision_config.to_dict(),
-        text_config=text_config.to_dict(),
-        image_token_id=text_tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        **options,
-    )
+    tokenizer_dir = resolve_folder(tokenizer) if tokenizer else checkpoint_dir
+    config, processor = assemble(vision_dir, vision_config, mamba_config_from_raw(raw), tokenizer_dir, **options)
     if raw.get("mm_hidden_size", config.vision_feature_size) != config.vision_feature_size:
         raise ConversionError(
             f"mm_hidden_size={raw['mm_hidden_size']} but {vision_dir} gives {config.vision_feature_size}-wide "
@@ -129,15 +124,9 @@ def convert_llava(
         source |= read_checkpoint(vision_dir)
         key_map = LLAVA_MAMBA_KEYS.then(vision_keys)
     expected = expected_tensors(VLMambaForConditionalGeneration, config)
-    tied = {"lm_head.weight": "model.language_model.embeddings.weight"} if config.tie_word_embeddings else {}
+    tied = tied_keys(VLMambaForConditionalGeneration, config)
     state_dict = convert_state_dict(source, key_map, expected, tied=tied, dtype=dtype, description="Converting LLaVA")
     model = build_model(VLMambaForConditionalGeneration, config, state_dict)
-    processor = VLMambaProcessor(
-        AutoImageProcessor.from_pretrained(vision_dir, backend="pil"),
-        text_tokenizer,
-        image_seq_length=config.image_seq_length,
-        image_aspect_ratio=aspect_ratio,
-    )
 
     inputs = fixed_multimodal_inputs(config)
     reference_logits = reference(inputs["input_ids"], inputs["pixel_values"]) if reference is not None else None
@@ -146,8 +135,10 @@ def convert_llava(
         verify_folder(
             folder, VLMambaForConditionalGeneration, state_dict, inputs, reference_logits, dtype or torch.float32
         )
+        description = f"VL-Mamba converted from the LLaVA-style Mamba VLM checkpoint `{checkpoint_dir.name}`."
+        write_card(folder, {"description": description, "base_model": hub_ids(vision or raw["mm_vision_tower"])})
 
-    return save_folder(model, output_dir, processor, force=force, max_shard_size=max_shard_size, verify=verify)
+    return save_folder(model, output_dir, processor, force=force, max_shard_size=max_shard_size, finalize=verify)
 
 
 def fixed_multimodal_inputs(config: VLMambaConfig) -> dict[str, torch.Tensor]:
@@ -174,6 +165,7 @@ def load_mm_projector(
 
     Verified on the saved folder: the connector computes LLaVA's Linear-GELU-Linear with the file's tensors.
     """
+    check_output_dir(output_dir, force)
     base = VLMambaForConditionalGeneration.from_pretrained(base_dir)
     if base.config.projector_type != "mlp":
         raise ConversionError(
@@ -181,7 +173,7 @@ def load_mm_projector(
             "compose the base with --projector-type mlp."
         )
     weights = read_checkpoint(mm_projector)
-    connector = {k: v for k, v in base.state_dict().items() if k.startswith(CONNECTOR)}
+    connector = {k: v for k, v in base.state_dict().items() if k.startswith(CONNECTOR + ".")}
     converted = convert_state_dict(weights, MM_PROJECTOR_KEYS, connector, description="Converting mm_projector")
     base.load_state_dict(converted, strict=False)
     processor = AutoProcessor.from_pretrained(base_dir)
@@ -196,8 +188,14 @@ def load_mm_projector(
             projected = loaded.model.multi_modal_projector(features)
         difference = compare_logits(projected, expected, "LLaVA's mlp2x_gelu", base.dtype)
         print(f"Verified: the connector matches LLaVA's mlp2x_gelu (max |difference| {difference:.2e}).")
+        card_data = read_card_data(base_dir)
+        card_data["description"] = (
+            f"{card_data.get('description', 'A VL-Mamba.')} Its connector holds the LLaVA stage-1 weights of "
+            f"`{Path(mm_projector).name}`."
+        )
+        write_card(folder, card_data)
 
-    return save_folder(base, output_dir, processor, force=force, max_shard_size=max_shard_size, verify=verify)
+    return save_folder(base, output_dir, processor, force=force, max_shard_size=max_shard_size, finalize=verify)
 
 
 def main() -> None:

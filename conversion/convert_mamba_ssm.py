@@ -27,9 +27,10 @@ from conversion.checkpoint import (
     read_checkpoint,
     read_json,
     resolve_folder,
+    tied_keys,
     verify_folder,
 )
-from conversion.hub_folder import MAX_SHARD_SIZE, save_folder
+from conversion.hub_folder import MAX_SHARD_SIZE, check_output_dir, save_folder
 
 # mamba_ssm `ssm_cfg` (Mamba-1 mixer arguments) -> transformers MambaConfig fields.
 SSM_CFG_FIELDS = {
@@ -56,6 +57,11 @@ MAMBA_SSM_KEYS = KeyMap(
 )
 
 
+def pad_vocab_size(vocab_size: int, multiple: int = 8) -> int:
+    """`vocab_size` rounded up to a multiple of `multiple`, as mamba_ssm pads its vocabulary (50277 -> 50280)."""
+    return -(-vocab_size // multiple) * multiple
+
+
 def mamba_config_from_raw(raw: dict) -> MambaConfig:
     """transformers' `MambaConfig` for a raw mamba_ssm config; raises `ConversionError` for what it cannot express."""
     problems = [f"missing '{name}'" for name in ("d_model", "n_layer", "vocab_size") if name not in raw]
@@ -75,11 +81,10 @@ def mamba_config_from_raw(raw: dict) -> MambaConfig:
         raise ConversionError(
             "This raw mamba_ssm config cannot be converted to transformers' MambaConfig:\n  " + "\n  ".join(problems)
         )
-    multiple = raw.get("pad_vocab_size_multiple", 8)
     return MambaConfig(
         hidden_size=raw["d_model"],
         num_hidden_layers=raw["n_layer"],
-        vocab_size=-(-raw["vocab_size"] // multiple) * multiple,  # mamba_ssm pads the vocabulary the same way
+        vocab_size=pad_vocab_size(raw["vocab_size"], raw.get("pad_vocab_size_multiple", 8)),
         residual_in_fp32=raw.get("residual_in_fp32", True),
         layer_norm_epsilon=raw.get("norm_epsilon", 1e-5),
         tie_word_embeddings=raw.get("tie_embeddings", True),
@@ -100,7 +105,7 @@ def convert_raw_weights(
     raw_dir = Path(raw_dir)
     config = mamba_config_from_raw(read_json(raw_dir / "config.json"))
     expected = expected_tensors(MambaForCausalLM, config)
-    tied = {"lm_head.weight": "backbone.embeddings.weight"} if config.tie_word_embeddings else {}
+    tied = tied_keys(MambaForCausalLM, config)
     state_dict = convert_state_dict(
         read_checkpoint(raw_dir), key_map, expected, tied=tied, dtype=dtype, description="Converting mamba_ssm"
     )
@@ -146,6 +151,7 @@ def convert_mamba_ssm(
     `mamba_ssm_reference`) its fp32 logits on a fixed random input must match; without one its weights must
     equal the converted tensors.
     """
+    check_output_dir(output_dir, force)
     raw_dir = resolve_folder(raw_dir)
     config, state_dict = convert_raw_weights(raw_dir, dtype)
     model = build_model(MambaForCausalLM, config, state_dict)
@@ -157,7 +163,7 @@ def convert_mamba_ssm(
         inputs = {"input_ids": input_ids}
         verify_folder(folder, MambaForCausalLM, state_dict, inputs, reference_logits, dtype or torch.float32)
 
-    return save_folder(model, output_dir, tokenizer, force=force, max_shard_size=max_shard_size, verify=verify)
+    return save_folder(model, output_dir, tokenizer, force=force, max_shard_size=max_shard_size, finalize=verify)
 
 
 def main() -> None:

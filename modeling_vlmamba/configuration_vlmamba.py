@@ -1,6 +1,7 @@
 """VL-Mamba model configuration."""
 
 from transformers import AutoConfig, PreTrainedConfig
+from transformers.activations import ACT2FN
 from transformers.configuration_utils import SubConfigSpec
 
 PROJECTOR_TYPES = ("mlp", "vss_mlp", "vss_l2")
@@ -135,6 +136,22 @@ class VLMambaConfig(PreTrainedConfig):
                 f"`image_token_id={self.image_token_id}` is outside the text vocabulary "
                 f"(vocab_size={self.text_config.vocab_size})."
             )
+        clashes = [
+            f"{name}_token_id" for name in ("bos", "eos", "pad") if self._text_token_id(name) == self.image_token_id
+        ]
+        if clashes:
+            raise ValueError(
+                f"`image_token_id={self.image_token_id}` is also the text config's {' and '.join(clashes)}; "
+                "use the tokenizer's id of <image>."
+            )
+        if self.projector_hidden_act not in ACT2FN:
+            raise ValueError(
+                f"`projector_hidden_act={self.projector_hidden_act!r}` is not an activation transformers knows "
+                "(e.g. gelu, gelu_pytorch_tanh, silu, relu)."
+            )
+
+    def _text_token_id(self, name: str) -> int | None:
+        return getattr(self.text_config, f"{name}_token_id", None)
 
     def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
         value = getattr(self, name)

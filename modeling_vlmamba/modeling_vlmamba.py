@@ -14,6 +14,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.mamba.modeling_mamba import MambaMixer
 from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
+from transformers.utils.import_utils import torch_compilable_check
 
 from .configuration_vlmamba import VLMambaConfig
 
@@ -79,6 +80,7 @@ class VisionSelectiveScan(nn.Module):
             conv_kernel=config.vss_conv_kernel,
             expand=config.vss_expand,
             num_hidden_layers=1,
+            use_mambapy=config.text_config.use_mambapy,  # one switch for the torch fallback of every mixer
         )
         self.mixer = MambaMixer(mixer_config, layer_idx=0)
 
@@ -148,7 +150,7 @@ class VLMambaModelOutput(ModelOutput):
 @dataclass
 class VLMambaCausalLMOutput(ModelOutput):
     r"""
-    loss (`torch.FloatTensor` of shape `(1,)`, *optional*):
+    loss (`torch.FloatTensor` (a scalar), *optional*):
         Next-token cross-entropy over the labelled positions (image positions never count).
     logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
         Prediction scores, in float32.
@@ -213,10 +215,7 @@ class VLMambaModel(VLMambaPreTrainedModel):
             )
 
     def get_image_features(
-        self,
-        pixel_values: torch.FloatTensor,
-        vision_feature_layer: int | list[int] | None = None,
-        vision_feature_select_strategy: str | None = None,
+        self, pixel_values: torch.FloatTensor, return_dict: bool = True
     ) -> BaseModelOutputWithPooling:
         """Encode images and project them into the language model's embedding space.
 
@@ -227,30 +226,31 @@ class VLMambaModel(VLMambaPreTrainedModel):
             `BaseModelOutputWithPooling` of the vision tower whose `pooler_output` holds the connector output,
             `(num_images, image_seq_length, text_hidden_size)`.
         """
-        layers = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
-        strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
         self._check_pixel_values(pixel_values)
+        layers = self.config.vision_feature_layer
+        layers = [layers] if isinstance(layers, int) else list(layers)
         # Asking for the selected layers only keeps the other hidden states from being stored.
         outputs = self.vision_tower(
             pixel_values.to(self.vision_tower.dtype), output_hidden_states=layers, return_dict=True
         )
-        layers = [layers] if isinstance(layers, int) else layers
         features = torch.cat([outputs.hidden_states[layer] for layer in layers], dim=-1)
-        if strategy == "default":
+        if self.config.vision_feature_select_strategy == "default":
             features = features[:, 1:]
         outputs.pooler_output = self.multi_modal_projector(features)
-        return outputs
+        return outputs if return_dict else outputs.to_tuple()
 
     def get_placeholder_mask(self, input_ids: torch.LongTensor, image_features: torch.Tensor) -> torch.BoolTensor:
         """`(batch, seq)` mask of the image-token positions; raises if they cannot hold `image_features` exactly."""
         mask = input_ids == self.config.image_token_id
-        num_tokens, (num_images, per_image, _) = int(mask.sum()), image_features.shape
-        if num_tokens != num_images * per_image:
-            raise ValueError(
-                f"input_ids hold {num_tokens} image tokens but {num_images} images need {num_images * per_image} "
-                f"({per_image} per image). Build inputs with VLMambaProcessor, which expands each <image> "
-                f"placeholder to {per_image} image tokens."
-            )
+        num_images, per_image = image_features.shape[:2]
+        torch_compilable_check(
+            mask.sum() == num_images * per_image,
+            lambda: (
+                f"input_ids hold {int(mask.sum())} image tokens but {num_images} images need "
+                f"{num_images * per_image} ({per_image} per image). Build inputs with VLMambaProcessor, which "
+                f"expands each <image> placeholder to {per_image} image tokens."
+            ),
+        )
         return mask
 
     @can_return_tuple
@@ -263,8 +263,7 @@ class VLMambaModel(VLMambaPreTrainedModel):
         cache_params: Cache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
-        vision_feature_layer: int | list[int] | None = None,
-        vision_feature_select_strategy: str | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         **kwargs,
     ) -> VLMambaModelOutput:
         r"""
@@ -274,25 +273,34 @@ class VLMambaModel(VLMambaPreTrainedModel):
             attention_mask: `(batch, seq)`, 0 on (left) padding; pad positions are zeroed inside the Mamba layers.
             inputs_embeds: `(batch, seq, hidden)` instead of `input_ids` (text only: image positions are found by id).
             cache_params: states from a previous call; `input_ids` then holds only the new tokens.
+            mm_encoder_outputs: `{"image": get_image_features(pixel_values)}` computed beforehand, instead of
+                `pixel_values` (`generate` encodes the images once this way, before the prefill).
             kwargs: ignored (e.g. `position_ids`, which a recurrent model does not use).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if pixel_values is not None and mm_encoder_outputs:
+            raise ValueError("Pass pixel_values or mm_encoder_outputs, not both.")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
         image_features = None
         if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values).pooler_output
+        elif mm_encoder_outputs and mm_encoder_outputs.get("image") is not None:
+            image_features = mm_encoder_outputs["image"].pooler_output
+        if image_features is not None:
             if input_ids is None:
-                raise ValueError("pixel_values need input_ids to locate the image tokens; pass input_ids.")
-            image_features = self.get_image_features(
-                pixel_values, vision_feature_layer, vision_feature_select_strategy
-            ).pooler_output
-            mask = self.get_placeholder_mask(input_ids, image_features).unsqueeze(-1)
-            inputs_embeds = inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds.dtype))
-        elif input_ids is not None and input_ids.shape[1] > 1 and (input_ids == self.config.image_token_id).any():
-            # A decode step may legitimately feed one sampled image token; a prompt never may.
-            raise ValueError("input_ids contain image tokens but no pixel_values were given; pass the images.")
+                raise ValueError("Images need input_ids to locate their image tokens; pass input_ids.")
+            mask = self.get_placeholder_mask(input_ids, image_features).unsqueeze(-1).to(inputs_embeds.device)
+            inputs_embeds = inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds))
+        elif input_ids is not None and input_ids.shape[1] > 1:
+            # Prompts only: generation never samples the image token (suppress_tokens), and checking every
+            # one-token decode step would cost a device synchronisation each.
+            torch_compilable_check(
+                ~(input_ids == self.config.image_token_id).any(),
+                "input_ids contain image tokens but no pixel_values were given; pass the images.",
+            )
 
         if attention_mask is not None:
             # With a cache the mask may span past tokens too; Mamba needs it for the current tokens only.
@@ -324,6 +332,8 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
         self.model = VLMambaModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+        # The image token is a placeholder for image features, never an answer.
+        self.generation_config.suppress_tokens = [config.image_token_id]
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
@@ -335,12 +345,9 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
         return self.lm_head
 
     def get_image_features(
-        self,
-        pixel_values: torch.FloatTensor,
-        vision_feature_layer: int | list[int] | None = None,
-        vision_feature_select_strategy: str | None = None,
+        self, pixel_values: torch.FloatTensor, return_dict: bool = True
     ) -> BaseModelOutputWithPooling:
-        return self.model.get_image_features(pixel_values, vision_feature_layer, vision_feature_select_strategy)
+        return self.model.get_image_features(pixel_values, return_dict=return_dict)
 
     @can_return_tuple
     def forward(
@@ -354,19 +361,21 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        vision_feature_layer: int | list[int] | None = None,
-        vision_feature_select_strategy: str | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         **kwargs,
     ) -> VLMambaCausalLMOutput:
         r"""
         Args:
             labels: `(batch, seq)` targets, unshifted (`labels = input_ids` is fine); -100 is ignored, and the
                 image-token positions are always ignored.
-            logits_to_keep: compute logits for the last `logits_to_keep` positions only (0 keeps all).
+            logits_to_keep: compute logits for the last `logits_to_keep` positions only (0 keeps all; with labels
+                it must be 0).
             kwargs: passed to the loss (e.g. `num_items_in_batch` from the Trainer).
 
         See `VLMambaModel.forward` for the other arguments.
         """
+        if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+            raise ValueError("labels need the logits of every position: leave logits_to_keep at 0 when training.")
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -375,8 +384,7 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
             cache_params=cache_params,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
-            vision_feature_layer=vision_feature_layer,
-            vision_feature_select_strategy=vision_feature_select_strategy,
+            mm_encoder_outputs=mm_encoder_outputs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).float()

@@ -8,6 +8,9 @@ from transformers import ProcessorMixin
 from transformers.image_transforms import to_pil_image
 from transformers.image_utils import load_image
 
+IMAGE_TOKEN = "<image>"
+EOS_TOKEN = "<|endoftext|>"  # GPT-NeoX id 0: ends every chat turn
+PAD_TOKEN = "<|padding|>"  # GPT-NeoX id 1
 IMAGE_ASPECT_RATIOS = ("pad", "resize")
 # Modes PIL converts to RGB without losing meaning; with an alpha channel the image is composited on white.
 RGB_CONVERTIBLE_MODES = ("1", "L", "P", "RGB", "CMYK", "YCbCr", "LAB", "HSV")
@@ -72,7 +75,8 @@ def expand_to_square(image: PIL.Image.Image, background: tuple[int, int, int]) -
 
 
 def load_rgb_image(image) -> PIL.Image.Image:
-    """A PIL image, a local path, an http(s) URL, a base64 string, or an array/tensor -> RGB PIL image."""
+    """A PIL image, a local path, an http(s) URL, a `data:image/...;base64,` URI, or an (H, W, C) / (C, H, W)
+    array or tensor -> an RGB PIL image."""
     if isinstance(image, Path) or (isinstance(image, str) and not image.startswith(("http://", "https://", "data:"))):
         path = Path(image)
         if not path.is_file():
@@ -117,7 +121,7 @@ class VLMambaProcessor(ProcessorMixin):
         tokenizer=None,
         image_seq_length: int = 729,
         image_aspect_ratio: str = "pad",
-        image_token: str = "<image>",
+        image_token: str = IMAGE_TOKEN,
         chat_template: str | None = None,
         **kwargs,
     ):
@@ -161,11 +165,12 @@ class VLMambaProcessor(ProcessorMixin):
     def _prepare_image(self, image) -> PIL.Image.Image:
         image = load_rgb_image(image)
         if self.image_aspect_ratio == "pad":
-            image = expand_to_square(image, tuple(round(255 * mean) for mean in self.image_processor.image_mean))
+            # int(), as LLaVA's expand2square computes the background
+            image = expand_to_square(image, tuple(int(255 * mean) for mean in self.image_processor.image_mean))
         return image
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         return self.image_token * self.image_seq_length
 
 
-__all__ = ["VLMambaProcessor", "DEFAULT_CHAT_TEMPLATE"]
+__all__ = ["VLMambaProcessor", "DEFAULT_CHAT_TEMPLATE", "IMAGE_TOKEN", "EOS_TOKEN", "PAD_TOKEN"]

@@ -5,7 +5,10 @@ Runs the Auto classes and the pipeline on one chat turn about IMAGE and saves wh
 calling test to compare with the in-process model.
 """
 
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -27,6 +30,23 @@ MAX_NEW_TOKENS = 6
 
 def conversation(image) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": QUESTION}]}]
+
+
+def run_isolated(folder: Path, image_path: Path, workdir: Path) -> dict:
+    """Run this script on `folder` in a fresh process (offline, project unimportable) and return what it saved."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(workdir / "modules"))
+    out_path = workdir / "remote.pt"
+    result = subprocess.run(
+        [sys.executable, __file__, str(folder), str(image_path), str(out_path)],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(out_path, weights_only=False)
 
 
 def main(folder: str, image_path: str, out_path: str) -> None:

@@ -76,6 +76,8 @@ def test_clip_drops_cls_and_siglip_keeps_every_patch(tokenizer):
         ({"vision_feature_layer": []}, "non-empty list of ints"),
         ({"image_seq_length": 10}, "`image_seq_length=10` does not match the 16 tokens"),
         ({"image_token_id": 5000}, "`image_token_id=5000` is outside the text vocabulary"),
+        ({"image_token_id": 0}, "`image_token_id=0` is also the text config's bos_token_id and eos_token_id"),
+        ({"projector_hidden_act": "swoosh"}, "`projector_hidden_act='swoosh'` is not an activation"),
     ],
 )
 def test_bad_values_are_rejected_with_the_field_and_choices(tokenizer, kwargs, message):

@@ -21,6 +21,57 @@ def test_every_connector_maps_vision_features_to_text_width(tokenizer, projector
     assert hasattr(projector, "vss") == (projector_type != "mlp")
 
 
+class Cumsum(nn.Module):
+    """A position-dependent stand-in for the Mamba mixer: each position sums the sequence up to itself."""
+
+    def forward(self, sequences):
+        return sequences.cumsum(dim=1)
+
+
+@pytest.mark.parametrize("scan_type", list(SCANS))
+def test_scan_directions_by_hand_with_a_position_dependent_mixer(tokenizer, scan_type):
+    config = tiny_config(tokenizer, scan_type=scan_type)
+    vss = VisionSelectiveScan(2, config)
+    vss.mixer = Cumsum()
+    height, width = config.patch_grid
+    patches = torch.randn(1, height * width, 2)
+    grid = patches.reshape(height, width, 2)
+    expected = torch.zeros(height, width, 2)
+    for i in range(height):
+        for j in range(width):
+            expected[i, j] += grid[:i].sum((0, 1)) + grid[i, : j + 1].sum(0)  # row-major, forward
+            expected[i, j] += grid[i + 1 :].sum((0, 1)) + grid[i, j:].sum(0)  # row-major, backward
+            if scan_type == "cross":
+                expected[i, j] += grid[:, :j].sum((0, 1)) + grid[: i + 1, j].sum(0)  # column-major, forward
+                expected[i, j] += grid[:, j + 1 :].sum((0, 1)) + grid[i:, j].sum(0)  # column-major, backward
+    torch.testing.assert_close(vss(patches), expected.reshape(1, -1, 2))
+
+
+class Doubling(nn.Module):
+    def forward(self, hidden_states):
+        return 2 * hidden_states
+
+
+def test_connector_formulas_by_hand(tokenizer):
+    """Each projector_type computes DESIGN.md 3.2, with the VSS replaced by a known function."""
+    torch.manual_seed(0)
+    for projector_type in ("mlp", "vss_mlp", "vss_l2"):
+        projector = VLMambaMultiModalProjector(tiny_config(tokenizer, projector_type=projector_type)).eval()
+        features = torch.randn(2, 16, 32)
+        linear_1, linear_2, gelu = projector.linear_1, projector.linear_2, torch.nn.functional.gelu
+        if projector_type == "mlp":
+            expected = linear_2(gelu(linear_1(features)))
+        else:
+            projector.vss = Doubling()
+            norm = projector.norm
+            if projector_type == "vss_mlp":  # MLP(LayerNorm(VSS(V) + V))
+                expected = linear_2(gelu(linear_1(norm(2 * features + features))))
+            else:  # V' = Linear(V); Linear(LayerNorm(VSS(GELU(V')) + V'))
+                projected = linear_1(features)
+                expected = linear_2(norm(2 * gelu(projected) + projected))
+        torch.testing.assert_close(projector(features), expected)
+
+
 def test_cross_scan_orders():
     grid = torch.arange(2 * 3).reshape(1, 2, 3, 1)  # rows: [0 1 2], [3 4 5]
     bidirectional = cross_scan(grid, "bidirectional")[..., 0].tolist()
@@ -81,3 +132,7 @@ def test_fresh_connector_mixer_gets_the_mamba_initialisation(model):
     dt = torch.nn.functional.softplus(mixer.dt_proj.bias)
     assert dt.min() >= 1e-4 and dt.max() <= 0.1 + 1e-6
     assert torch.count_nonzero(mixer.conv1d.bias) == 0
+    connector = model.model.multi_modal_projector
+    assert torch.count_nonzero(connector.linear_1.bias) == 0 and torch.count_nonzero(connector.linear_2.bias) == 0
+    assert 0.015 < connector.linear_2.weight.std() < 0.025  # normal(0, initializer_range=0.02)
+    torch.testing.assert_close(connector.norm.weight, torch.ones_like(connector.norm.weight))

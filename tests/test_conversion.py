@@ -160,11 +160,36 @@ def test_interrupted_write_leaves_nothing(raw_dir, tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
-def test_failed_verification_leaves_nothing(raw_dir, tmp_path):
+def test_failed_verification_leaves_nothing_and_keeps_what_force_would_replace(raw_dir, tmp_path):
     wrong = raw_reference(raw_dir)
     with pytest.raises(ConversionError, match="Converted logits differ from the source model"):
         convert_mamba_ssm(raw_dir, tmp_path / "out", reference=lambda ids: wrong(ids) + 0.1)
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("previous")
+    with pytest.raises(ConversionError):
+        convert_mamba_ssm(raw_dir, tmp_path / "out", force=True, reference=lambda ids: wrong(ids) + 0.1)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "previous" and leftovers(tmp_path) == []
+
+
+def test_half_precision_verification_still_catches_a_wrong_tensor(raw_dir, tmp_path):
+    """bf16 rounding passes the relative tolerance; a swap of two layers' in_proj does not."""
+    state = torch.load(raw_dir / "pytorch_model.bin", weights_only=True)
+    swapped = dict(state)
+    first, second = "backbone.layers.0.mixer.in_proj.weight", "backbone.layers.1.mixer.in_proj.weight"
+    swapped[first], swapped[second] = state[second], state[first]
+    with pytest.raises(ConversionError, match=r"bfloat16 logits differ from the source model by .* relative L2"):
+        convert_mamba_ssm(
+            raw_dir, tmp_path / "out", dtype=torch.bfloat16, reference=lambda ids: mamba_lm_forward(swapped, 2, ids)
+        )
+
+
+def test_output_folder_is_checked_before_any_work(tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(FileExistsError, match="already exists"):
+        convert_mamba_ssm(tmp_path / "no-such-source", tmp_path / "out")
+    with pytest.raises(FileExistsError, match="already exists"):
+        compose(tmp_path / "no-vision", tmp_path / "no-llm", tmp_path / "out")
 
 
 # ---------------------------------------------------------------- compose from pretrained parts
@@ -218,6 +243,23 @@ def test_compose_siglip_and_transformers_mamba(parts, tokenizer):
         assert torch.isfinite(tensor).all()
         torch.testing.assert_close(connector[name], tensor, rtol=0, atol=0)
     assert not torch.equal(reseeded["linear_1.weight"], connector["linear_1.weight"])
+
+
+def test_compose_accepts_transformers_4_vision_checkpoints(parts):
+    """Older checkpoints prefix the tower with `vision_model.` and carry the `position_ids` buffer."""
+    old = parts / "siglip-v4"
+    old.mkdir()
+    state = SiglipVisionModel.from_pretrained(parts / "siglip").state_dict()
+    state = {f"vision_model.{key}": value for key, value in state.items()}
+    state["vision_model.embeddings.position_ids"] = torch.arange(16)[None]
+    torch.save(state, old / "pytorch_model.bin")
+    for name in ("config.json", "preprocessor_config.json"):
+        (old / name).write_text((parts / "siglip" / name).read_text())
+    out = compose(old, parts / "mamba", parts / "vlm-v4")
+    composed = VLMambaForConditionalGeneration.from_pretrained(out).model.vision_tower
+    torch.testing.assert_close(
+        composed.embeddings.position_embedding.weight, state["vision_model.embeddings.position_embedding.weight"]
+    )
 
 
 def test_compose_full_clip_and_raw_mamba_ssm(parts, tokenizer):
@@ -304,6 +346,7 @@ def test_llava_checkpoint_converts_to_the_same_function(llava, plain_tokenizer, 
         ({"mm_vision_select_feature": "cls"}, "mm_vision_select_feature='cls' is not supported"),
         ({"image_aspect_ratio": "anyres"}, "image_aspect_ratio='anyres' is not supported"),
         ({"mm_hidden_size": 1024}, "mm_hidden_size=1024 but .* gives 32-wide features"),
+        ({"mm_use_im_start_end": True}, "mm_use_im_start_end=true is not supported"),
     ],
 )
 def test_llava_options_vl_mamba_cannot_express_are_rejected(llava, plain_tokenizer, mm, message):

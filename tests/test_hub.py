@@ -1,9 +1,6 @@
 """Saved folders: files, weight tying, remote code in a clean process, and the image-text-to-text pipeline."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +9,7 @@ from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, pipeline
 
 from tests.conftest import make_image
-from tests.isolated_load import MAX_NEW_TOKENS, QUESTION, conversation
+from tests.isolated_load import MAX_NEW_TOKENS, QUESTION, conversation, run_isolated
 
 EXPECTED_FILES = {
     "config.json",
@@ -63,20 +60,7 @@ def test_weight_tying_survives_save_and_load(saved, model):
 def test_remote_code_round_trip_in_a_process_that_cannot_import_the_package(saved, model, processor, tmp_path):
     image_path = tmp_path / "square.png"
     make_image().save(image_path)
-    out_path = tmp_path / "remote.pt"
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    script = Path(__file__).with_name("isolated_load.py")
-    result = subprocess.run(
-        [sys.executable, str(script), str(saved), str(image_path), str(out_path)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    remote = torch.load(out_path, weights_only=False)
+    remote = run_isolated(saved, image_path, tmp_path)
     assert remote["importable"] is False
     assert remote["model_module"].startswith("transformers_modules.")
     assert remote["processor_module"].startswith("transformers_modules.")

@@ -1,3 +1,6 @@
+import copy
+import json
+
 import pytest
 import torch
 
@@ -69,6 +72,53 @@ def test_logits_to_keep_returns_the_last_positions(model, processor):
     last = model(**inputs, logits_to_keep=1).logits
     assert last.shape[1] == 1
     torch.testing.assert_close(last[:, -1], full[:, -1], rtol=0, atol=ATOL)
+    with pytest.raises(ValueError, match="labels need the logits of every position"):
+        model(**inputs, labels=inputs["input_ids"], logits_to_keep=1)
+
+
+def test_vision_feature_layers_any_index_or_several(tokenizer, processor):
+    inputs = chat_inputs(processor, ["What colour is the square?"])
+    outputs = {}
+    for layer in (0, -1, [0, -1]):
+        model = tiny_model(tiny_config(tokenizer, vision_feature_layer=layer))
+        with torch.no_grad():
+            outputs[str(layer)] = model(**inputs).logits
+        assert torch.isfinite(outputs[str(layer)]).all()
+    assert not torch.allclose(outputs["0"], outputs["-1"])
+
+
+def test_generation_never_samples_the_image_token(model, processor, tmp_path):
+    assert model.generation_config.suppress_tokens == [model.config.image_token_id]
+    model.generation_config.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "generation_config.json").read_text())["suppress_tokens"] == [
+        model.config.image_token_id
+    ]
+
+    inputs = chat_inputs(processor, ["What colour is the square?"])
+    for use_cache in (True, False):
+        out = greedy(model, inputs, use_cache=use_cache)
+        assert all(torch.isneginf(step[:, model.config.image_token_id]).all() for step in out.scores)
+
+
+def test_attention_mask_is_dropped_after_prefill(model, processor):
+    inputs = chat_inputs(processor, ["What colour is the square?", "Count."])
+    prefill = model.prepare_inputs_for_generation(**inputs, use_cache=True, is_first_iteration=True)
+    assert torch.equal(prefill["attention_mask"], inputs["attention_mask"])
+    decode = model.prepare_inputs_for_generation(**inputs, use_cache=True, is_first_iteration=False)
+    assert decode["attention_mask"] is None and "pixel_values" not in decode
+
+
+def test_cached_forward_takes_a_full_length_mask(model, processor):
+    """Called by hand with a cache, forward may get the mask of past + new tokens and uses the new tokens' part."""
+    batch = chat_inputs(processor, ["What colour is the square at the top left?", "How many?"])
+    next_tokens = torch.tensor([[11], [12]])
+    full_mask = torch.cat([batch["attention_mask"], torch.ones_like(next_tokens)], dim=1)
+    with torch.no_grad():
+        prefill = model(**batch, use_cache=True)
+        state = copy.deepcopy(prefill.cache_params)
+        with_mask = model(input_ids=next_tokens, attention_mask=full_mask, cache_params=prefill.cache_params)
+        without = model(input_ids=next_tokens, cache_params=state)
+    torch.testing.assert_close(with_mask.logits, without.logits, rtol=0, atol=0)
 
 
 def test_cached_greedy_generation_equals_uncached(model, processor):
@@ -134,6 +184,14 @@ def test_generate_strategies_text_only_and_several_images(model, processor, toke
 
     two_images = chat_inputs(processor, ["Compare the two pictures."], images_per_prompt=2)
     assert two_images["pixel_values"].shape[0] == 2
+    # every beam sees the prompt's own two images, in order: its first step equals the single-sequence forward
+    with torch.no_grad():
+        first_step = torch.log_softmax(model(**two_images).logits[:, -1], -1)
+    beam_out = model.generate(
+        **two_images, max_new_tokens=2, num_beams=2, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    for beam in range(2):
+        torch.testing.assert_close(torch.log_softmax(beam_out.logits[0][beam], -1), first_step[0], rtol=0, atol=ATOL)
     assert (two_images["input_ids"] == processor.image_token_id).sum() == 2 * processor.image_seq_length
     out = model(**two_images)
     assert out.image_hidden_states.shape[0] == 2

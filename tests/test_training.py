@@ -77,9 +77,15 @@ def test_a_few_steps_lower_the_loss_and_train_only_the_stages_parts(workspace, s
     assert (
         fixed_batch_loss(final, workspace, stage) < fixed_batch_loss(workspace / "untrained", workspace, stage) - 0.1
     )
-    record = json.loads((final / "training_args.json").read_text())
-    assert record["stage"] == stage and record["global_steps"] == 6
+    record = json.loads((final / "card_data.json").read_text())["training"][-1]
+    assert (record["stage"], record["steps"], record["data"]) == (
+        stage,
+        6,
+        "captions.json" if stage == 1 else "conversations.json",
+    )
+    assert record["final_loss"] < record["first_loss"]
     assert (final / "modeling_vlmamba.py").is_file() and (final / "processor_config.json").is_file()
+    assert f"Stage {stage}" in (final / "README.md").read_text()
 
 
 def test_lora_changes_only_adapters_and_the_connector(workspace):
@@ -161,13 +167,28 @@ def test_stage_1_labels_cover_exactly_the_caption(workspace):
     assert_labels(batch, 0, ids, labels)
 
 
-def test_stage_2_labels_cover_exactly_the_assistant_turns(workspace):
+def test_stage_2_labels_cover_exactly_the_assistant_turns(workspace, tmp_path):
     processor = AutoProcessor.from_pretrained(workspace / "untrained", trust_remote_code=True)
-    records = json.loads((workspace / "data" / "conversations.json").read_text())
-    rows = read_llava_json(workspace / "data" / "conversations.json", stage=2)
-    batch = VisionCollator(processor, stage=2)([rows[0], rows[len(rows) - 1]])  # a scene, and a text-only record
+    shutil.copy(workspace / "data" / "images" / "000000.png", tmp_path / "scene.png")
+    conversations = {
+        "two-turns": [
+            ("human", "<image>\nWhat colour is it?"),
+            ("gpt", "red"),
+            ("human", "Shape?"),
+            ("gpt", "a circle"),
+        ],
+        "text-only": [("human", "How many cells?"), ("gpt", "4")],
+    }
+    records = [
+        {"id": "two-turns", "image": "scene.png", "conversations": []},
+        {"id": "text-only", "conversations": []},
+    ]
+    for record in records:
+        record["conversations"] = [{"from": who, "value": text} for who, text in conversations[record["id"]]]
+    rows = read_llava_json(write_json(tmp_path / "chat.json", records))
+    batch = VisionCollator(processor, stage=2)([rows[0], rows[1]])
     image_tokens = "<image>" * processor.image_seq_length
-    for row, record in enumerate((records[0], records[-1])):
+    for row, record in enumerate(records):
         segments = []
         for turn in record["conversations"]:
             text = turn["value"].replace("<image>\n", image_tokens)

@@ -70,7 +70,7 @@ def _turns(record: dict, record_id: str, num_images: int) -> list[tuple[str, str
     return turns
 
 
-def _content(text: str) -> list[dict]:
+def content_blocks(text: str) -> list[dict]:
     """Text with `<image>` placeholders -> structured blocks, each image where its placeholder was."""
     blocks = []
     for number, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
@@ -99,7 +99,7 @@ def llava_row(record: dict, index: int, image_folder: Path, stage: int, eos_toke
             "prompt": IMAGE_PLACEHOLDER * len(paths),
             "completion": turns[1][1] + eos_token,
         }
-    messages = [{"role": role, "content": _content(text)} for role, text in turns]
+    messages = [{"role": role, "content": content_blocks(text)} for role, text in turns]
     return {"id": record_id, "images": images, "messages": messages}
 
 

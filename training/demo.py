@@ -20,6 +20,8 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
 from conversion.hub_folder import save_folder
+from model_cards import read_card_data, write_card
+from training.data import content_blocks
 from training.evaluate import evaluate
 from training.sft import build_parser, train
 from training.synthetic import CHANCE, generate, texts
@@ -37,7 +39,7 @@ DEMO_VISION = {
     "patch_size": 8,
     "vision_use_head": False,
 }
-DEMO_TEXT = {"hidden_size": 96, "num_hidden_layers": 2, "state_size": 8}
+DEMO_TEXT = {"hidden_size": 96, "num_hidden_layers": 2, "state_size": 8, "use_mambapy": True}
 TEMPLATE_TEXT = ["<|system|>\n", "<|user|>\n", "<|assistant|>\n"]
 # Small-scale settings, each an override of the stage's LLaVA-1.5 preset (see training/sft.py).
 STAGE_ARGUMENTS = {
@@ -56,10 +58,9 @@ COMMON_ARGUMENTS = [
 
 
 def losses(final_dir: Path) -> tuple[float, float]:
-    """First and last logged training loss of a stage."""
-    history = json.loads((final_dir / "training_args.json").read_text())["log_history"]
-    values = [entry["loss"] for entry in history if "loss" in entry]
-    return values[0], values[-1]
+    """First and last logged training loss of the folder's last stage (from its model card data)."""
+    stage = read_card_data(final_dir)["training"][-1]
+    return stage["first_loss"], stage["final_loss"]
 
 
 def run(output_dir: Path, train_scenes: int, heldout_scenes: int, seed: int) -> dict:
@@ -83,12 +84,31 @@ def run(output_dir: Path, train_scenes: int, heldout_scenes: int, seed: int) -> 
     model = AutoModelForImageTextToText.from_pretrained(model_dir, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
     accuracy = evaluate(model, processor, data / "heldout.json")
+    card_data = read_card_data(model_dir)
+    card_data["description"] = (
+        "A tiny VL-Mamba trained from scratch by `python -m training.demo` on synthetic scenes of coloured shapes "
+        "(`training.synthetic`): it answers questions about their colour, shape, position and count, and knows "
+        "nothing else."
+    )
+    card_data["evaluation"] = [
+        {
+            "dataset_type": "synthetic-shapes",
+            "dataset_name": "synthetic shapes",
+            "dataset_split": "held-out",
+            "metric_type": "accuracy",
+            "metric_name": f"exact match, {question_type}",
+            "metric_value": value,
+        }
+        for question_type, value in accuracy.items()
+    ]
+    write_card(model_dir, card_data)
 
     heldout = json.loads((data / "heldout.json").read_text())[0]
-    question = heldout["conversations"][0]["value"].removeprefix("<image>\n")
+    question = heldout["conversations"][0]["value"]
     pipe = pipeline("image-text-to-text", model=str(model_dir), trust_remote_code=True)
     image = Image.open(data / heldout["image"])
-    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+    content = [{**block, "image": image} if block["type"] == "image" else block for block in content_blocks(question)]
+    messages = [{"role": "user", "content": content}]
     reply = pipe(text=messages, max_new_tokens=8, return_full_text=False)[0]["generated_text"]
     return {
         "losses": stage_losses,
@@ -122,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         chance = f"{CHANCE[question_type]:.2f}" if question_type in CHANCE else "    "
         print(f"  {question_type:>9}: {value:.3f} ({chance})")
     image, question, reply, answer = result["example"]
+    question = question.replace("<image>", "")
     print(f"pipeline on {image}: {question!r} -> {reply!r} (reference {answer!r})")
     print(
         f"model saved to {result['model_dir']} (Hub-ready: remote code, processor, card) in {result['seconds']:.0f} s"

@@ -10,12 +10,11 @@ Every LLaVA-1.5 hyperparameter of the stage is the default and can be overridden
         --image-folder images --output-dir runs/stage2
 
 Checkpoints go to OUTPUT_DIR/checkpoint-*; the trained model, ready for the Hub (remote code, processor,
-generation config, the run's arguments), to OUTPUT_DIR/final. Multi-GPU: `accelerate launch --config_file
+generation config, a model card recording the run), to OUTPUT_DIR/final. Multi-GPU: `accelerate launch --config_file
 training/configs/<ddp|fsdp2|zero2>.yaml -m training.sft ...`.
 """
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -25,8 +24,9 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
-from conversion.checkpoint import DTYPES
+from conversion.checkpoint import CONNECTOR, DTYPES, LANGUAGE_MODEL, VISION_TOWER
 from conversion.hub_folder import save_folder
+from model_cards import hub_ids, read_card_data, write_card
 from training.data import VisionCollator, load_hf_dataset, read_llava_json
 
 # LLaVA-1.5 (scripts/v1_5/pretrain.sh, finetune.sh): the global batch is split over devices and accumulation.
@@ -34,9 +34,6 @@ PRESETS = {
     1: {"learning_rate": 1e-3, "global_batch_size": 256, "per_device_batch_size": 32},
     2: {"learning_rate": 2e-5, "global_batch_size": 128, "per_device_batch_size": 16},
 }
-CONNECTOR = "model.multi_modal_projector."
-LANGUAGE_MODEL = ("model.language_model.", "lm_head.")
-VISION = "model.vision_tower."
 # On Mamba-1 only `in_proj` is called as a module on every path (the fused kernel reads the other weights raw).
 LORA_TARGETS = r".*language_model.*\.in_proj"
 
@@ -106,7 +103,7 @@ def set_trainable(model: torch.nn.Module, stage: int, train_vision: bool = False
     if stage == 2 and not lora:
         trainable += LANGUAGE_MODEL
     if train_vision:
-        trainable += (VISION,)
+        trainable += (VISION_TOWER,)
     counts = {}
     for name, param in model.named_parameters():
         param.requires_grad = name.startswith(trainable)
@@ -183,8 +180,30 @@ def get_last_checkpoint_or_none(output_dir: Path) -> str | None:
     return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
 
 
+def stage_record(trainer: SFTTrainer, args: argparse.Namespace) -> dict:
+    """What the model card says about this stage: what was trained on what, how, and the loss it reached."""
+    hyper = resolved_hyperparameters(args)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    trained = "the connector" if args.stage == 1 else "the connector and the language model"
+    trained += " (LoRA adapters on in_proj, merged)" if args.lora_r else ""
+    trained += " and the vision encoder" if args.train_vision else ""
+    return {
+        "stage": args.stage,
+        "trained": trained,
+        "data": Path(args.data).name if args.data else args.dataset,
+        "learning_rate": hyper["learning_rate"],
+        "global_batch_size": hyper["global_batch_size"],
+        "steps": trainer.state.global_step,
+        "world_size": trainer.args.world_size,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "arguments": vars(args),
+    }
+
+
 def save_final(trainer: SFTTrainer, args: argparse.Namespace) -> Path:
-    """Write OUTPUT_DIR/final: the trained model (LoRA merged), processor, remote code and the run's arguments."""
+    """Write OUTPUT_DIR/final: the trained model (LoRA merged), processor, remote code and a model card that
+    records this stage after those of the input model."""
     final_dir = Path(args.output_dir) / "final"
     model = trainer.accelerator.unwrap_model(trainer.model)
     if trainer.is_fsdp_enabled:  # sharded parameters: gather a full copy of the weights
@@ -199,16 +218,21 @@ def save_final(trainer: SFTTrainer, args: argparse.Namespace) -> Path:
         model = model.merge_and_unload()
     save_dtype = args.save_dtype or ("bfloat16" if trainer.args.bf16 else "float32")
     model = model.to(DTYPES[save_dtype]).eval()
-    record = {
-        "stage": args.stage,
-        "arguments": vars(args),
-        "hyperparameters": resolved_hyperparameters(args),
-        "world_size": trainer.args.world_size,
-        "global_steps": trainer.state.global_step,
-        "log_history": trainer.state.log_history,
-    }
-    save_folder(model, final_dir, trainer.processing_class, force=True)
-    (final_dir / "training_args.json").write_text(json.dumps(record, indent=2, default=str))
+    card_data = read_card_data(args.model)
+    card_data["training"] = card_data.get("training", []) + [stage_record(trainer, args)]
+    card_data["base_model"] = hub_ids(args.model) or card_data.get("base_model", [])
+    card_data["datasets"] = card_data.get("datasets", []) + hub_ids(args.dataset)
+    card_data["description"] = (
+        f"A VL-Mamba after training stage {args.stage} "
+        f"({'connector alignment' if args.stage == 1 else 'instruction tuning'}) with `training.sft`."
+    )
+    save_folder(
+        model,
+        final_dir,
+        trainer.processing_class,
+        force=True,
+        finalize=lambda folder: write_card(folder, card_data),
+    )
     return final_dir
 
 

@@ -3,7 +3,10 @@
 Each scene places 1 to 4 shapes (circle, square, triangle, cross) of 4 colours in the cells of a 2x2 grid. Stage 1
 gets a caption per scene; stage 2 gets questions about colour, shape, position and count, whose answers each come
 from 4 choices (chance 0.25), plus a few text-only conversations. A held-out split of new scenes is kept for
-evaluation, one question per record with its `question_type`.
+evaluation, with each record's `question_type`.
+
+Every question comes before its image (`"What shape is at the top left?<image>"`): a Mamba reads left to right and
+keeps a fixed-size state, so knowing the question lets it keep what the question needs while it reads the image.
 
     python -m training.synthetic OUTPUT_DIR [--train-scenes 1500] [--heldout-scenes 100] [--seed 0]
 """
@@ -106,9 +109,8 @@ def generate(
         items = random_scene(rng)
         name = f"images/{index:06d}.png"
         draw_scene(items, size).save(output_dir / name)
-        qa = questions(items, rng)
-        rng.shuffle(qa)
-        if index < train_scenes:
+        held_out = index >= train_scenes
+        if not held_out:
             captions.append(
                 {
                     "id": f"caption-{index}",
@@ -116,19 +118,10 @@ def generate(
                     "conversations": turn("<image>\nDescribe the picture.", caption(items)),
                 }
             )
-            turns = [message for _, q, a in qa for message in turn(q, a)]
-            turns[0] = {"from": "human", "value": "<image>\n" + turns[0]["value"]}
-            conversations.append({"id": f"scene-{index}", "image": name, "conversations": turns})
-        else:
-            for question_type, question, answer in qa:
-                heldout.append(
-                    {
-                        "id": f"heldout-{index}-{question_type}",
-                        "image": name,
-                        "question_type": question_type,
-                        "conversations": turn("<image>\n" + question, answer),
-                    }
-                )
+        for question_type, question, answer in questions(items, rng):
+            record = {"id": f"scene-{index}-{question_type}", "image": name, "question_type": question_type}
+            record["conversations"] = turn(question + "<image>", answer)
+            (heldout if held_out else conversations).append(record)
     for number, (question, answer) in enumerate(TEXT_ONLY):
         conversations.append({"id": f"text-{number}", "conversations": turn(question, answer)})
     for name, records in (("captions", captions), ("conversations", conversations), ("heldout", heldout)):
@@ -141,7 +134,11 @@ def texts(output_dir: str | Path) -> list[str]:
     records = []
     for name in ("captions", "conversations", "heldout"):
         records += json.loads((Path(output_dir) / f"{name}.json").read_text())
-    return [message["value"].replace("<image>\n", "") for record in records for message in record["conversations"]]
+    return [
+        message["value"].replace("<image>\n", "").replace("<image>", "")
+        for record in records
+        for message in record["conversations"]
+    ]
 
 
 def main() -> None:

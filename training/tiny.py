@@ -10,7 +10,9 @@ import torch
 from transformers import CLIPImageProcessorPil, PreTrainedTokenizerBase, SiglipImageProcessorPil
 from transformers.image_processing_utils import BaseImageProcessor
 
+from conversion.convert_mamba_ssm import pad_vocab_size
 from conversion.hub_folder import save_folder
+from model_cards import write_card
 from modeling_vlmamba import VLMambaConfig, VLMambaForConditionalGeneration, VLMambaProcessor
 from training.tokenizer import IMAGE_TOKEN, train_gpt_neox_tokenizer
 
@@ -43,11 +45,6 @@ SAMPLE_TEXT = [
 ]
 
 
-def padded_vocab_size(tokenizer: PreTrainedTokenizerBase, multiple: int = 8) -> int:
-    """The tokenizer's size rounded up to `multiple`, as mamba_ssm pads its vocabulary."""
-    return -(-len(tokenizer) // multiple) * multiple
-
-
 def tiny_config(
     tokenizer: PreTrainedTokenizerBase, vision: dict | None = None, text: dict | None = None, **kwargs
 ) -> VLMambaConfig:
@@ -58,7 +55,7 @@ def tiny_config(
     kwargs.setdefault(
         "vision_feature_select_strategy", "default" if vision["model_type"] == "clip_vision_model" else "full"
     )
-    text = {**TINY_MAMBA, "vocab_size": padded_vocab_size(tokenizer), **(text or {})}
+    text = {**TINY_MAMBA, "vocab_size": pad_vocab_size(len(tokenizer)), **(text or {})}
     return VLMambaConfig(vision_config=dict(vision), text_config=text, **kwargs)
 
 
@@ -83,7 +80,14 @@ def build_tiny_folder(output_dir: str, texts: Iterable[str] = SAMPLE_TEXT, force
     """Write a tiny random VL-Mamba (model, processor, remote code) to `output_dir` and return it."""
     tokenizer = train_gpt_neox_tokenizer(texts)
     config = tiny_config(tokenizer, **config_kwargs)
-    return save_folder(tiny_model(config), output_dir, tiny_processor(tokenizer, config), force=force)
+    description = "A tiny VL-Mamba with random weights, for trying the API offline: its answers are noise."
+    return save_folder(
+        tiny_model(config),
+        output_dir,
+        tiny_processor(tokenizer, config),
+        force=force,
+        finalize=lambda folder: write_card(folder, {"description": description}),
+    )
 
 
 def main() -> None:

@@ -6,9 +6,7 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import GPTNeoXTokenizer
 
-EOS_TOKEN = "<|endoftext|>"  # id 0, as in GPT-NeoX
-PAD_TOKEN = "<|padding|>"  # id 1, as in GPT-NeoX
-IMAGE_TOKEN = "<image>"
+from modeling_vlmamba.processing_vlmamba import EOS_TOKEN, IMAGE_TOKEN, PAD_TOKEN
 
 
 def train_gpt_neox_tokenizer(
