@@ -8,7 +8,8 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, MambaConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation.configuration_utils import GenerationConfig, GenerationMode
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.mamba.modeling_mamba import MambaMixer
@@ -322,6 +323,46 @@ class VLMambaModel(VLMambaPreTrainedModel):
         )
 
 
+class DecodeGraph:
+    """The language model's one-token decode step captured in a CUDA graph, over a state cache of its own.
+
+    A Mamba's decode state has a fixed size and is updated in place, so one capture replays exactly; eager decoding
+    is bound by kernel launches instead (about 15 tokens/s for Mamba-2.8B on an H100). `generate` prefills into
+    `cache`; each decode step then copies the new token ids in and replays. The graph is captured at the first
+    decode step and reused by every later `generate` call with the same batch size.
+    """
+
+    def __init__(self, model: "VLMambaForConditionalGeneration", batch_size: int):
+        self.cache = DynamicCache(config=model.config.text_config)
+        self.cache.decode_graph = self
+        self.input_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=model.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def step(self, model: "VLMambaForConditionalGeneration", input_ids: torch.LongTensor) -> torch.Tensor:
+        """Logits `(batch, 1, vocab)` of the next token after `input_ids` `(batch, 1)`; the cache advances."""
+        self.input_ids.copy_(input_ids)
+        if self.graph is None:
+            self._capture(model)
+        self.graph.replay()
+        return self.logits
+
+    def _capture(self, model: "VLMambaForConditionalGeneration") -> None:
+        states = [(layer.conv_states[0].clone(), layer.recurrent_states[0].clone()) for layer in self.cache.layers]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():  # compiles and autotunes the kernels outside the capture
+            for _ in range(2):
+                model.decode_logits(self.input_ids, self.cache)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            self.logits = model.decode_logits(self.input_ids, self.cache)
+        for layer, (conv, recurrent) in zip(self.cache.layers, states, strict=True):  # undo the warm-up steps
+            layer.conv_states[0].copy_(conv)
+            layer.recurrent_states[0].copy_(recurrent)
+
+
 class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
     """VL-Mamba with the language-modelling head (tied to the input embeddings)."""
 
@@ -334,6 +375,9 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
         self.post_init()
         # The image token is a placeholder for image features, never an answer.
         self.generation_config.suppress_tokens = [config.image_token_id]
+        # Decode through CUDA graphs on CUDA (see DecodeGraph); `generate(..., cuda_graph_decode=False)` turns it off.
+        self.generation_config.cuda_graph_decode = True
+        self._decode_graphs: dict[tuple, DecodeGraph] = {}
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
@@ -376,6 +420,9 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
         """
         if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             raise ValueError("labels need the logits of every position: leave logits_to_keep at 0 when training.")
+        graph = getattr(cache_params, "decode_graph", None)
+        if graph is not None and input_ids is not None and input_ids.shape[1] == 1 and not output_hidden_states:
+            return VLMambaCausalLMOutput(logits=graph.step(self, input_ids), cache_params=cache_params)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -405,6 +452,40 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
             image_hidden_states=outputs.image_hidden_states,
         )
 
+    def decode_logits(self, input_ids: torch.LongTensor, cache_params: Cache) -> torch.Tensor:
+        """One cached decode step of the language model: `(batch, 1)` ids -> `(batch, 1, vocab)` fp32 logits."""
+        hidden_states = self.model(input_ids=input_ids, cache_params=cache_params, use_cache=True).last_hidden_state
+        return self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).float()
+
+    def _prepare_cache_for_generation(
+        self,
+        generation_config: GenerationConfig,
+        model_kwargs: dict,
+        generation_mode: GenerationMode,
+        batch_size: int,
+        max_cache_length: int,
+    ) -> None:
+        """Hand greedy and sampling `generate` calls on CUDA the persistent cache of a DecodeGraph."""
+        use_graph = (
+            getattr(generation_config, "cuda_graph_decode", True)
+            and generation_config.use_cache
+            and self.device.type == "cuda"
+            and not self.training
+            and model_kwargs.get("cache_params") is None
+            and generation_mode in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
+        )
+        if not use_graph:
+            return super()._prepare_cache_for_generation(
+                generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+            )
+        batch_size *= generation_config.num_return_sequences
+        key = (batch_size, self.dtype, self.device)
+        if key not in self._decode_graphs:
+            self._decode_graphs[key] = DecodeGraph(self, batch_size)
+        graph = self._decode_graphs[key]
+        graph.cache.reset()
+        model_kwargs["cache_params"] = graph.cache
+
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
@@ -427,6 +508,7 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
 
 
 __all__ = [
+    "DecodeGraph",
     "VLMambaForConditionalGeneration",
     "VLMambaModel",
     "VLMambaPreTrainedModel",

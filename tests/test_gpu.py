@@ -94,3 +94,64 @@ def test_converted_mamba_ssm_gives_mamba_ssms_logits(tmp_path):
     print(f"\nconverted vs mamba_ssm: max |logits difference| {difference:.2e} (|logits| <= {scale:.1f})")
     assert actual.shape == expected.shape
     assert difference < ATOL
+
+
+def tiny_cuda_model(dtype=torch.float32):
+    from training.tiny import SAMPLE_TEXT
+
+    tokenizer = train_gpt_neox_tokenizer(SAMPLE_TEXT)
+    vision = {**TINY_SIGLIP, "hidden_size": 64, "image_size": 32}
+    config = tiny_config(tokenizer, vision=vision, text={"hidden_size": 64, "num_hidden_layers": 3}, vss_state_size=16)
+    return tiny_model(config).to("cuda", dtype), tiny_processor(tokenizer, config)
+
+
+def test_graph_decode_gives_the_eager_greedy_tokens_and_keeps_the_generate_contract():
+    pytest.importorskip("mamba_ssm")
+    from transformers import TextIteratorStreamer
+
+    from tests.conftest import make_image
+
+    model, processor = tiny_cuda_model()
+    prompts = ["<image>What colour is the square at the top left?", "<image>Count."]
+    images = [make_image(), make_image(color=(9, 9, 9))]
+    inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt").to("cuda")
+    settings = {"max_new_tokens": 24, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
+    eager = model.generate(**inputs, cuda_graph_decode=False, **settings)
+    assert not model._decode_graphs
+    graphed = model.generate(**inputs, **settings)
+    (graph,) = model._decode_graphs.values()
+    assert graph.graph is not None
+    assert torch.equal(graphed.sequences, eager.sequences)
+    for graphed_step, eager_step in zip(graphed.scores, eager.scores, strict=True):
+        torch.testing.assert_close(graphed_step, eager_step, rtol=0, atol=ATOL)
+
+    captured = graph.graph
+    again = model.generate(**inputs, repetition_penalty=1.3, **settings)  # a logits processor; same graph reused
+    assert model._decode_graphs[(2, torch.float32, model.device)].graph is captured
+    eager_again = model.generate(**inputs, repetition_penalty=1.3, cuda_graph_decode=False, **settings)
+    assert torch.equal(again.sequences, eager_again.sequences)
+
+    single = processor(images=images[:1], text=prompts[:1], return_tensors="pt").to("cuda")
+    torch.manual_seed(5)
+    sampled = model.generate(**single, max_new_tokens=16, do_sample=True, top_k=20)
+    torch.manual_seed(5)
+    assert torch.equal(
+        sampled, model.generate(**single, max_new_tokens=16, do_sample=True, top_k=20, cuda_graph_decode=False)
+    )
+    assert len(model._decode_graphs) == 2  # a new batch size, a new graph
+
+    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True)
+    streamed = model.generate(**single, max_new_tokens=10, do_sample=False, streamer=streamer)
+    text = "".join(streamer)
+    assert text == processor.decode(streamed[0, single["input_ids"].shape[1] :])
+
+
+def test_graph_decode_in_bf16_gives_the_eager_tokens():
+    pytest.importorskip("mamba_ssm")
+    from tests.conftest import make_image
+
+    model, processor = tiny_cuda_model(torch.bfloat16)
+    inputs = processor(images=[make_image()], text="<image>Describe it.", return_tensors="pt").to("cuda")
+    eager = model.generate(**inputs, max_new_tokens=32, do_sample=False, cuda_graph_decode=False)
+    graphed = model.generate(**inputs, max_new_tokens=32, do_sample=False)
+    assert torch.equal(graphed, eager)

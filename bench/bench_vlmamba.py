@@ -1,0 +1,271 @@
+"""GPU benchmarks of VL-Mamba at the paper's 2.8B shape, with baselines measured in the same run.
+
+    python bench/bench_vlmamba.py decode [--batch-sizes 1 16 64] [--new-tokens 256] [--skip-transformer]
+    python bench/bench_vlmamba.py train [--batch-size 8] [--steps 6]
+
+`decode`: (a) VL-Mamba (SigLIP-SO400M-shape tower, `vss_l2` + bidirectional connector, Mamba-2.8B-shape LLM,
+random weights, bf16) answering one 384x384 image and a short question (800 prompt tokens), greedy, through
+`generate` with CUDA-graph decode; (b) mamba_ssm's `MambaLMHeadModel.generate(cg=True)` with the same LLM weights
+and prompt length; (c) a same-size transformer (Phi-2 shape) in transformers with a static cache (auto-compiled).
+Prints decode tokens/s, time to first token, first-call warm-up and peak memory, with ratios to (b) and (c).
+
+`train`: stage-2 training steps of the same model through `training.sft` (TRL SFTTrainer, bf16 autocast, gradient
+checkpointing, vision frozen) on synthetic 384x384 scenes: tokens/s and model FLOPs utilisation
+(6 x trained params x tokens / time / 989 TFLOP/s, plus 2 x frozen params x tokens for the vision forward).
+"""
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from modeling_vlmamba import VLMambaConfig, VLMambaForConditionalGeneration  # noqa: E402
+
+H100_BF16_FLOPS = 989e12
+PROMPT_TOKENS = 800
+VOCAB = 50280
+IMAGE_TOKEN_ID = 50277
+
+
+def paper_config() -> VLMambaConfig:
+    """SigLIP-SO400M/14-384 + vss_l2 (bidirectional) + Mamba-2.8B: the defaults of VLMambaConfig."""
+    config = VLMambaConfig(text_config={"hidden_size": 2560, "num_hidden_layers": 64, "vocab_size": VOCAB})
+    assert config.image_seq_length == 729
+    return config
+
+
+def timed(function, repeats: int = 1) -> tuple[float, object]:
+    """Median wall time of `function()` over `repeats` calls (CUDA synchronised), and its last result."""
+    times, result = [], None
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = function()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def prompt(batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """800 tokens: 35 text tokens, the 729 image tokens of one image, 36 text tokens; and its pixels."""
+    text = torch.randint(2, IMAGE_TOKEN_ID, (batch, PROMPT_TOKENS - 729), generator=generator)
+    image = torch.full((batch, 729), IMAGE_TOKEN_ID)
+    input_ids = torch.cat([text[:, :35], image, text[:, 35:]], dim=1)
+    pixel_values = torch.randn(batch, 3, 384, 384, generator=generator)
+    return {"input_ids": input_ids.cuda(), "pixel_values": pixel_values.cuda().to(torch.bfloat16)}
+
+
+def measure_generate(generate, new_tokens: int, batch: int) -> dict:
+    """First call (warm-up included), steady time, time to first token, decode tokens/s, peak memory."""
+    torch.cuda.reset_peak_memory_stats()
+    first, _ = timed(lambda: generate(new_tokens))
+    steady, _ = timed(lambda: generate(new_tokens), repeats=2)
+    ttft, _ = timed(lambda: generate(1), repeats=3)
+    return {
+        "decode_tokens_per_s": batch * (new_tokens - 1) / (steady - ttft),
+        "ttft_s": ttft,
+        "warmup_s": first - steady,
+        "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
+    }
+
+
+def vlmamba_runner(model, inputs: dict, **kwargs):
+    def generate(new_tokens: int):
+        return model.generate(
+            **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs
+        )
+
+    return generate
+
+
+def mamba_ssm_model(vlmamba: VLMambaForConditionalGeneration):
+    from mamba_ssm.models.config_mamba import MambaConfig as RawConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    text = vlmamba.config.text_config
+    raw = RawConfig(d_model=text.hidden_size, n_layer=text.num_hidden_layers, vocab_size=VOCAB, ssm_cfg={})
+    model = MambaLMHeadModel(raw, device="cuda", dtype=torch.bfloat16).eval()
+    state = {
+        key.replace("embeddings.", "embedding."): value
+        for key, value in vlmamba.model.language_model.state_dict().items()
+    }
+    model.backbone.load_state_dict(state)
+    return model
+
+
+def phi_model():
+    from transformers import PhiConfig, PhiForCausalLM
+
+    config = PhiConfig(
+        hidden_size=2560, num_hidden_layers=32, num_attention_heads=32, intermediate_size=10240, vocab_size=51200
+    )
+    with torch.device("cuda"):
+        return PhiForCausalLM(config).to(torch.bfloat16).eval()
+
+
+def decode(args: argparse.Namespace) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    results = mamba_measurements(args, generator)
+    gc.collect()
+    torch.cuda.empty_cache()
+    results["transformer"] = {} if args.skip_transformer else transformer_measurements(args, generator)
+    return results
+
+
+def mamba_measurements(args: argparse.Namespace, generator: torch.Generator) -> dict:
+    """(a) VL-Mamba through generate, and (b) mamba_ssm native with the same LLM weights."""
+    with torch.device("cuda"):
+        model = VLMambaForConditionalGeneration(paper_config()).to(torch.bfloat16).eval()
+    model.generation_config.eos_token_id = None  # random weights: run every step
+    results = {"vlmamba": {}, "mamba_ssm": {}, "checks": {}}
+
+    single = prompt(1, generator)
+    eager = model.generate(**single, max_new_tokens=32, do_sample=False, cuda_graph_decode=False)
+    graphed = model.generate(**single, max_new_tokens=32, do_sample=False)
+    results["checks"]["bf16_first_32_tokens_equal_eager"] = bool(torch.equal(eager, graphed))
+    eager_time, _ = timed(
+        lambda: model.generate(**single, max_new_tokens=32, do_sample=False, cuda_graph_decode=False)
+    )
+    results["checks"]["eager_decode_tokens_per_s_batch1"] = 31 / eager_time
+
+    # vision tower + connector alone, and the LLM prefill alone (mamba_ssm), for the TTFT target
+    with torch.no_grad():
+        vision_s, _ = timed(lambda: model.model.get_image_features(single["pixel_values"]), repeats=5)
+    results["checks"]["vision_and_connector_s"] = vision_s
+
+    for batch in args.batch_sizes:
+        inputs = prompt(batch, generator)
+        results["vlmamba"][batch] = measure_generate(vlmamba_runner(model, inputs), args.new_tokens, batch)
+        print(f"VL-Mamba batch {batch}: {results['vlmamba'][batch]}", flush=True)
+
+    torch.cuda.reset_peak_memory_stats()
+    long_generate = vlmamba_runner(model, single)
+    long_generate(256)
+    peak_256 = torch.cuda.max_memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    long_generate(4096)
+    peak_4096 = torch.cuda.max_memory_allocated()
+    results["checks"]["peak_memory_growth_256_to_4096"] = peak_4096 / peak_256 - 1
+
+    native = mamba_ssm_model(model)
+    for batch in args.batch_sizes:
+        ids = prompt(batch, generator)["input_ids"].clamp(max=VOCAB - 4)
+
+        def generate(new_tokens: int, ids=ids):
+            return native.generate(ids, max_length=PROMPT_TOKENS + new_tokens, cg=True, top_k=1)
+
+        results["mamba_ssm"][batch] = measure_generate(generate, args.new_tokens, batch)
+        print(f"mamba_ssm batch {batch}: {results['mamba_ssm'][batch]}", flush=True)
+    with torch.no_grad():
+        prefill_s, _ = timed(lambda: native(single["input_ids"].clamp(max=VOCAB - 4), num_last_tokens=1), repeats=5)
+    results["checks"]["mamba_ssm_prefill_s"] = prefill_s
+    return results
+
+
+def transformer_measurements(args: argparse.Namespace, generator: torch.Generator) -> dict:
+    """(c) the Phi-2-shape transformer, static cache (auto-compiled by generate on CUDA)."""
+    phi, results = phi_model(), {}
+    for batch in args.batch_sizes:
+        ids = prompt(batch, generator)["input_ids"].clamp(max=50000)
+
+        def generate(new_tokens: int, ids=ids):
+            return phi.generate(
+                ids,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                cache_implementation="static",
+                max_cache_len=PROMPT_TOKENS + args.new_tokens,
+            )
+
+        results[batch] = measure_generate(generate, args.new_tokens, batch)
+        print(f"Phi-2 shape batch {batch}: {results[batch]}", flush=True)
+    return results
+
+
+def train(args: argparse.Namespace) -> dict:
+    from conversion.hub_folder import save_folder
+    from modeling_vlmamba import VLMambaProcessor
+    from training.sft import build_parser, build_trainer
+    from training.synthetic import generate as generate_scenes
+    from training.synthetic import texts
+    from training.tiny import image_processor_for
+    from training.tokenizer import train_gpt_neox_tokenizer
+
+    work = Path(tempfile.mkdtemp(prefix="vlmamba-bench-"))
+    data = generate_scenes(work / "data", train_scenes=args.batch_size * (args.steps + 2), heldout_scenes=1, size=384)
+    tokenizer = train_gpt_neox_tokenizer(texts(data) + ["<|user|>\n<|assistant|>\n"])
+    config = paper_config()
+    config.image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    with torch.device("cuda"):
+        model = VLMambaForConditionalGeneration(config).to(torch.bfloat16)
+    processor = VLMambaProcessor(image_processor_for(config), tokenizer, image_seq_length=config.image_seq_length)
+    folder = save_folder(model.cpu(), work / "model", processor)
+    del model
+    argv = ["--stage", "2", "--model", str(folder), "--data", str(data / "conversations.json")]
+    argv += ["--output-dir", str(work / "run"), "--max-steps", str(args.steps), "--bf16", "--num-workers", "4"]
+    argv += ["--per-device-batch-size", str(args.batch_size), "--global-batch-size", str(args.batch_size)]
+    argv += ["--logging-steps", "1", "--save-steps", "100000"]
+    trainer = build_trainer(build_parser().parse_args(argv))
+    trained = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in trainer.model.parameters() if not p.requires_grad)
+    torch.cuda.reset_peak_memory_stats()
+    step_times, tokens = [], []
+
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            torch.cuda.synchronize()
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            torch.cuda.synchronize()
+            step_times.append(time.perf_counter() - self.start)
+
+    trainer.add_callback(Clock())
+    trainer.train()
+    history = [entry for entry in trainer.state.log_history if "num_tokens" in entry]
+    tokens = [b["num_tokens"] - a["num_tokens"] for a, b in zip(history, history[1:], strict=False)]
+    steady = step_times[2:]  # the first steps compile kernels
+    tokens_per_step = statistics.median(tokens) if tokens else float("nan")
+    tokens_per_s = tokens_per_step / statistics.median(steady)
+    flops = (6 * trained + 2 * frozen) * tokens_per_s
+    return {
+        "trained_params": trained,
+        "frozen_params": frozen,
+        "tokens_per_step": tokens_per_step,
+        "median_step_s": statistics.median(steady),
+        "tokens_per_s": tokens_per_s,
+        "mfu": flops / H100_BF16_FLOPS,
+        "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=["decode", "train"])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--skip-transformer", action="store_true")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--output", help="write the results as JSON here")
+    args = parser.parse_args()
+    results = decode(args) if args.mode == "decode" else train(args)
+    results["gpu"] = torch.cuda.get_device_name()
+    print(json.dumps(results, indent=2, default=str))
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
