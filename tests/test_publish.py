@@ -202,3 +202,10 @@ def test_dry_run_folder_loads_as_remote_code_in_a_clean_process(folders, tmp_pat
     assert remote["pipeline_text"] == processor.decode(
         local[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
     )
+
+
+def test_the_committed_example_card_is_valid():
+    card = ModelCard.load(Path(__file__).resolve().parents[1] / "model_cards" / "examples" / "vlmamba-demo-tiny.md")
+    data = metadata(card)
+    assert data["pipeline_tag"] == "image-text-to-text" and "vl-mamba" in data["tags"]
+    assert [metric["name"] for metric in data["model-index"][0]["results"][0]["metrics"]][-1] == "exact match, overall"

@@ -73,16 +73,13 @@ def test_a_few_steps_lower_the_loss_and_train_only_the_stages_parts(workspace, s
     trainable = {name.split(".")[1] for name, p in trainer.model.named_parameters() if p.requires_grad}
     assert trainable == expected
 
-    final = train(arguments(workspace, stage, f"stage{stage}-run"))
-    assert (
-        fixed_batch_loss(final, workspace, stage) < fixed_batch_loss(workspace / "untrained", workspace, stage) - 0.1
-    )
+    final = train(arguments(workspace, stage, f"stage{stage}-run", "--max-steps", "12"))
+    # evaluated deterministically on a fixed batch: the decrease is the training's; 0.05 nats is far above rounding
+    before_loss = fixed_batch_loss(workspace / "untrained", workspace, stage)
+    assert fixed_batch_loss(final, workspace, stage) < before_loss - 0.05
     record = json.loads((final / "card_data.json").read_text())["training"][-1]
-    assert (record["stage"], record["steps"], record["data"]) == (
-        stage,
-        6,
-        "captions.json" if stage == 1 else "conversations.json",
-    )
+    data = "captions.json" if stage == 1 else "conversations.json"
+    assert (record["stage"], record["steps"], record["data"]) == (stage, 12, data)
     assert record["final_loss"] < record["first_loss"]
     assert (final / "modeling_vlmamba.py").is_file() and (final / "processor_config.json").is_file()
     assert f"Stage {stage}" in (final / "README.md").read_text()
@@ -282,3 +279,19 @@ def test_stage_presets_and_their_overrides(workspace):
     )
     with pytest.raises(ValueError, match="--global-batch-size 100 is not a multiple of the per-device batch 16"):
         resolved_hyperparameters(odd)
+
+
+def test_synthetic_data_is_deterministic_and_holds_out_unseen_layouts(tmp_path):
+    import random
+
+    from training.synthetic import CHANCE, layouts
+
+    training_layouts, heldout_layouts = layouts(random.Random(0))
+    assert len(training_layouts) + len(heldout_layouts) == 4 * 4 * 15 and not set(training_layouts) & set(
+        heldout_layouts
+    )
+    first, second = generate(tmp_path / "a", 12, 3, seed=5), generate(tmp_path / "b", 12, 3, seed=5)
+    for name in ("captions.json", "conversations.json", "heldout.json"):
+        assert (first / name).read_text() == (second / name).read_text()
+    heldout = json.loads((first / "heldout.json").read_text())
+    assert {record["question_type"] for record in heldout} <= set(CHANCE) and max(CHANCE.values()) <= 0.25

@@ -41,10 +41,12 @@ DEMO_VISION = {
 }
 DEMO_TEXT = {"hidden_size": 96, "num_hidden_layers": 2, "state_size": 8, "use_mambapy": True}
 TEMPLATE_TEXT = ["<|system|>\n", "<|user|>\n", "<|assistant|>\n"]
-# Small-scale settings, each an override of the stage's LLaVA-1.5 preset (see training/sft.py).
+# Small-scale settings, each an override of the stage's LLaVA-1.5 preset (see training/sft.py). The vision encoder
+# is trained in stage 2 because it starts random: nothing pretrained can be downloaded here.
+BATCH = ["--global-batch-size", "32", "--per-device-batch-size", "32"]
 STAGE_ARGUMENTS = {
-    1: ["--learning-rate", "1e-3", "--global-batch-size", "32", "--per-device-batch-size", "32", "--max-steps", "60"],
-    2: ["--learning-rate", "3e-3", "--global-batch-size", "32", "--per-device-batch-size", "32", "--max-steps", "600"],
+    1: ["--learning-rate", "1e-3", "--max-steps", "60", *BATCH],
+    2: ["--learning-rate", "1e-3", "--max-steps", "1500", "--train-vision", *BATCH],
 }
 COMMON_ARGUMENTS = [
     "--no-gradient-checkpointing",
@@ -122,7 +124,7 @@ def run(output_dir: Path, train_scenes: int, heldout_scenes: int, seed: int) -> 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", default="demo-output")
-    parser.add_argument("--train-scenes", type=int, default=3000)
+    parser.add_argument("--train-scenes", type=int, default=10000)
     parser.add_argument("--heldout-scenes", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")

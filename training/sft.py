@@ -184,9 +184,10 @@ def stage_record(trainer: SFTTrainer, args: argparse.Namespace) -> dict:
     """What the model card says about this stage: what was trained on what, how, and the loss it reached."""
     hyper = resolved_hyperparameters(args)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    trained = "the connector" if args.stage == 1 else "the connector and the language model"
-    trained += " (LoRA adapters on in_proj, merged)" if args.lora_r else ""
-    trained += " and the vision encoder" if args.train_vision else ""
+    parts = ["the connector"] + (["the language model"] if args.stage == 2 else [])
+    parts += ["the vision encoder"] if args.train_vision else []
+    trained = ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
+    trained += " (the language model as LoRA adapters on in_proj, merged)" if args.lora_r else ""
     return {
         "stage": args.stage,
         "trained": trained,

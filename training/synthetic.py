@@ -1,11 +1,13 @@
 """A deterministic synthetic dataset in the LLaVA-JSON layout: PIL-drawn scenes of coloured shapes.
 
-Each scene places 1 to 4 shapes (circle, square, triangle, cross) of 4 colours in the cells of a 2x2 grid. Stage 1
-gets a caption per scene; stage 2 gets questions about colour, shape, position and count, whose answers each come
-from 4 choices (chance 0.25), plus a few text-only conversations. A held-out split of new scenes is kept for
-evaluation, with each record's `question_type`.
+Each scene draws 1 to 4 copies of one shape (circle, square, triangle or cross) in one colour (red, green, blue or
+yellow) in distinct cells of a 2x2 grid. Stage 1 gets a caption per scene. Stage 2 gets questions about the colour,
+the shape and the count, and about the position (where the shape is, in scenes with one shape; which cell is empty,
+in scenes with three): each answer is one of 4 choices (chance 0.25). A few text-only conversations are mixed in.
+The held-out scenes show layouts (colour, shape and occupied cells together) that no training scene shows, and
+every image is jittered (shade, tint, size, offset); held-out records carry their `question_type`.
 
-Every question comes before its image (`"What shape is at the top left?<image>"`): a Mamba reads left to right and
+Every question comes before its image (`"What shape is in the picture?<image>"`): a Mamba reads left to right and
 keeps a fixed-size state, so knowing the question lets it keep what the question needs while it reads the image.
 
     python -m training.synthetic OUTPUT_DIR [--train-scenes 1500] [--heldout-scenes 100] [--seed 0]
@@ -15,6 +17,7 @@ import argparse
 import json
 import random
 from dataclasses import dataclass
+from itertools import product
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -23,7 +26,6 @@ from tqdm.auto import tqdm
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
 SHAPES = ("circle", "square", "triangle", "cross")
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
-COUNTS = ("1", "2", "3", "4")
 QUESTION_TYPES = ("colour", "shape", "position", "count")
 # Every question type answers with one of 4 choices.
 CHANCE = {question_type: 0.25 for question_type in QUESTION_TYPES}
@@ -40,21 +42,20 @@ class Item:
     shape: str
     position: str
 
-    @property
-    def phrase(self) -> str:
-        return f"a {self.colour} {self.shape} at the {self.position}"
 
-
-def draw_scene(items: list[Item], size: int) -> Image.Image:
-    image = Image.new("RGB", (size, size), (245, 245, 245))
+def draw_scene(items: list[Item], size: int, rng: random.Random) -> Image.Image:
+    """The scene with random jitter (background shade, colour tint, size and offset), so no two images are equal."""
+    shade = rng.randint(232, 250)
+    image = Image.new("RGB", (size, size), (shade, shade, shade))
     draw = ImageDraw.Draw(image)
     cell = size // 2
-    margin = max(1, cell // 6)
     for item in items:
+        margin = rng.randint(max(1, cell // 10), max(1, cell // 4))
         row, column = divmod(POSITIONS.index(item.position), 2)
-        left, top = column * cell + margin, row * cell + margin
+        dx, dy = (rng.randint(-margin // 2, margin // 2) for _ in range(2))
+        left, top = column * cell + margin + dx, row * cell + margin + dy
         right, bottom = left + cell - 2 * margin, top + cell - 2 * margin
-        fill = COLOURS[item.colour]
+        fill = tuple(min(255, max(0, channel + rng.randint(-20, 20))) for channel in COLOURS[item.colour])
         if item.shape == "circle":
             draw.ellipse((left, top, right, bottom), fill=fill)
         elif item.shape == "square":
@@ -68,29 +69,42 @@ def draw_scene(items: list[Item], size: int) -> Image.Image:
     return image
 
 
-def random_scene(rng: random.Random) -> list[Item]:
-    """1 to 4 objects in distinct cells, each a different colour-shape pair (so "the red circle" is unambiguous)."""
-    count = rng.randint(1, 4)
-    positions = sorted(rng.sample(POSITIONS, count), key=POSITIONS.index)
-    pairs = rng.sample([(colour, shape) for colour in COLOURS for shape in SHAPES], count)
-    return [Item(colour, shape, position) for (colour, shape), position in zip(pairs, positions, strict=True)]
+def layouts(rng: random.Random, heldout_fraction: float = 0.1) -> tuple[list[tuple], list[tuple]]:
+    """Every (colour, shape, occupied cells) layout, split into training and held-out ones: held-out scenes show
+    layouts never seen in training (each colour, shape and cell pattern was, in other combinations)."""
+    cells = [tuple(p for p, used in zip(POSITIONS, bits, strict=True) if used) for bits in product((0, 1), repeat=4)]
+    every = [(colour, shape, where) for colour in COLOURS for shape in SHAPES for where in cells if where]
+    rng.shuffle(every)
+    cut = round(len(every) * heldout_fraction)
+    return every[cut:], every[:cut]
+
+
+def scene(layout: tuple) -> list[Item]:
+    colour, shape, where = layout
+    return [Item(colour, shape, position) for position in where]
 
 
 def caption(items: list[Item]) -> str:
-    phrases = [item.phrase for item in items]
-    text = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
-    return text[0].upper() + text[1:] + "."
+    places = [f"the {item.position}" for item in items]
+    where = places[0] if len(places) == 1 else ", ".join(places[:-1]) + " and " + places[-1]
+    number = ("A", "Two", "Three", "Four")[len(items) - 1]
+    plural = "" if len(items) == 1 else ("es" if items[0].shape == "cross" else "s")
+    return f"{number} {items[0].colour} {items[0].shape}{plural} at {where}."
 
 
-def questions(items: list[Item], rng: random.Random) -> list[tuple[str, str, str]]:
-    """One (question_type, question, answer) per type, about a random object of the scene."""
-    item, target = rng.choice(items), rng.choice(items)
-    return [
-        ("colour", f"What colour is the shape at the {item.position}?", item.colour),
-        ("shape", f"What shape is at the {item.position}?", item.shape),
-        ("position", f"Where is the {target.colour} {target.shape}?", target.position),
+def questions(items: list[Item]) -> list[tuple[str, str, str]]:
+    """(question_type, question, answer) for each question the scene answers unambiguously."""
+    asked = [
+        ("colour", "What colour are the shapes?", items[0].colour),
+        ("shape", "What shape is in the picture?", items[0].shape),
         ("count", "How many shapes are there?", str(len(items))),
     ]
+    if len(items) == 1:
+        asked.append(("position", "Where is the shape?", items[0].position))
+    elif len(items) == 3:
+        empty = next(position for position in POSITIONS if position not in {item.position for item in items})
+        asked.append(("position", "Which cell is empty?", empty))
+    return asked
 
 
 def turn(human: str, gpt: str) -> list[dict]:
@@ -104,12 +118,13 @@ def generate(
     output_dir = Path(output_dir)
     (output_dir / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
+    training_layouts, heldout_layouts = layouts(rng)
     captions, conversations, heldout = [], [], []
     for index in tqdm(range(train_scenes + heldout_scenes), desc="Drawing scenes", unit="scene"):
-        items = random_scene(rng)
-        name = f"images/{index:06d}.png"
-        draw_scene(items, size).save(output_dir / name)
         held_out = index >= train_scenes
+        items = scene(rng.choice(heldout_layouts if held_out else training_layouts))
+        name = f"images/{index:06d}.png"
+        draw_scene(items, size, rng).save(output_dir / name)
         if not held_out:
             captions.append(
                 {
@@ -118,7 +133,7 @@ def generate(
                     "conversations": turn("<image>\nDescribe the picture.", caption(items)),
                 }
             )
-        for question_type, question, answer in questions(items, rng):
+        for question_type, question, answer in questions(items):
             record = {"id": f"scene-{index}-{question_type}", "image": name, "question_type": question_type}
             record["conversations"] = turn(question + "<image>", answer)
             (heldout if held_out else conversations).append(record)
