@@ -32,6 +32,13 @@ def conversation(image) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": QUESTION}]}]
 
 
+def chat_inputs(processor, image) -> dict:
+    """The model inputs of one chat turn asking QUESTION about `image`, ready for generation."""
+    return processor.apply_chat_template(
+        conversation(image), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+
+
 def run_isolated(folder: Path, image_path: Path, workdir: Path) -> dict:
     """Run this script on `folder` in a fresh process (offline, project unimportable) and return what it saved."""
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
@@ -60,9 +67,7 @@ def main(folder: str, image_path: str, out_path: str) -> None:
     image = Image.open(image_path)
     model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    inputs = processor.apply_chat_template(
-        conversation(image), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-    )
+    inputs = chat_inputs(processor, image)
     with torch.no_grad():
         logits = model(**inputs).logits
     generated = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)

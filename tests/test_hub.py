@@ -9,7 +9,7 @@ from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, pipeline
 
 from tests.conftest import make_image
-from tests.isolated_load import MAX_NEW_TOKENS, QUESTION, conversation, run_isolated
+from tests.isolated_load import MAX_NEW_TOKENS, QUESTION, chat_inputs, conversation, run_isolated
 
 EXPECTED_FILES = {
     "config.json",
@@ -68,13 +68,7 @@ def test_remote_code_round_trip_in_a_process_that_cannot_import_the_package(save
 
     from PIL import Image
 
-    inputs = processor.apply_chat_template(
-        conversation(Image.open(image_path)),
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-    )
+    inputs = chat_inputs(processor, Image.open(image_path))
     assert torch.equal(remote["input_ids"], inputs["input_ids"])
     with torch.no_grad():
         torch.testing.assert_close(remote["logits"], model(**inputs).logits, rtol=0, atol=0)
@@ -91,9 +85,7 @@ def test_pipeline_answers_chat_messages_and_plain_text(saved, model, processor):
     chat = pipe(text=conversation(image), max_new_tokens=MAX_NEW_TOKENS)
     reply = chat[0]["generated_text"][-1]
     assert reply["role"] == "assistant"
-    inputs = processor.apply_chat_template(
-        conversation(image), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-    )
+    inputs = chat_inputs(processor, image)
     expected = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
     assert reply["content"] == processor.decode(expected[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 

@@ -22,7 +22,7 @@ from conversion.compose import compose
 from conversion.push_to_hub import PublishError, push_to_hub
 from model_cards import parameter_counts, render_card
 from tests.conftest import make_image
-from tests.isolated_load import MAX_NEW_TOKENS, conversation, run_isolated
+from tests.isolated_load import MAX_NEW_TOKENS, chat_inputs, run_isolated
 from training.sft import build_parser, train
 from training.synthetic import generate, texts
 from training.tokenizer import train_gpt_neox_tokenizer
@@ -190,13 +190,7 @@ def test_dry_run_folder_loads_as_remote_code_in_a_clean_process(folders, tmp_pat
 
     model = AutoModelForImageTextToText.from_pretrained(folders["trained"]).eval()
     processor = AutoProcessor.from_pretrained(folders["trained"])
-    inputs = processor.apply_chat_template(
-        conversation(Image.open(image_path)),
-        add_generation_prompt=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-    )
+    inputs = chat_inputs(processor, Image.open(image_path))
     local = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
     assert torch.equal(remote["generated"], local)
     assert remote["pipeline_text"] == processor.decode(
