@@ -224,8 +224,10 @@ def compose(
             for state, source in zip(states, vision_states, strict=True)
         )
         print(f"Verified: vision hidden states match the source encoder (max |difference| {difference:.2e}).")
+        vision_name, llm_name = (str(name) if hub_ids(name) else Path(name).name for name in (vision, llm))
         description = (
-            f"An untrained VL-Mamba composed from the vision encoder `{vision}` and the language model `{llm}`, "
+            f"An untrained VL-Mamba composed from the vision encoder `{vision_name}` and the language model "
+            f"`{llm_name}`, "
             f"with a `{projector_type}` connector initialised at random (seed {seed}). Train it with "
             "`python -m training.sft --stage 1` (connector alignment) before use."
         )

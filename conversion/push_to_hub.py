@@ -19,7 +19,7 @@ from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from model_cards import render_card
+from model_cards import read_card_data, write_card
 
 CODE_FILES = ("configuration_vlmamba.py", "modeling_vlmamba.py", "processing_vlmamba.py")
 REQUIRED_FILES = (
@@ -65,7 +65,10 @@ def check_folder(folder: Path) -> None:
 
 
 def stage_folder(folder: Path, staging: Path, repo_id: str, **card_overrides) -> Path:
-    """Copy the repo's files into `staging` (checkpoints and hidden files left out) and render its card there."""
+    """Copy the repo's files into an empty `staging` (checkpoints and hidden files left out) and write its card
+    there, rendered for `repo_id` from the folder's card data with `card_overrides` applied."""
+    if staging.exists() and any(staging.iterdir()):
+        raise PublishError(f"The staging folder {staging} is not empty; give an empty or new one.")
     staging.mkdir(parents=True, exist_ok=True)
     for path in sorted(folder.iterdir()):
         if path.name.startswith((".", "checkpoint-")):
@@ -74,7 +77,8 @@ def stage_folder(folder: Path, staging: Path, repo_id: str, **card_overrides) ->
             shutil.copytree(path, staging / path.name, dirs_exist_ok=True)
         else:
             shutil.copy2(path, staging / path.name)
-    render_card(staging, repo_id=repo_id, **card_overrides).save(staging / "README.md")
+    card_data = {**read_card_data(folder), **{k: v for k, v in card_overrides.items() if v is not None}}
+    write_card(staging, card_data, repo_id=repo_id)
     return staging
 
 

@@ -110,10 +110,10 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def write_card(folder: str | Path, card_data: dict) -> None:
+def write_card(folder: str | Path, card_data: dict, repo_id: str | None = None) -> None:
     """Write `card_data.json` and the rendered `README.md` into `folder` (a complete VL-Mamba folder); each file is
     written whole or not at all."""
     folder = Path(folder)
-    card = str(render_card(folder, card_data=card_data))  # before writing anything: a rendering error writes nothing
+    card = str(render_card(folder, repo_id=repo_id, card_data=card_data))  # a rendering error writes nothing
     _write_atomically(folder / CARD_DATA, json.dumps(card_data, indent=2, default=str))
     _write_atomically(folder / "README.md", card)

@@ -20,6 +20,8 @@ from transformers.utils.import_utils import torch_compilable_check
 from .configuration_vlmamba import VLMambaConfig
 
 IGNORE_INDEX = -100
+# CUDA graphs kept for decoding (one per batch size); the oldest is dropped beyond this.
+MAX_DECODE_GRAPHS = 8
 
 
 def cross_scan(grid: torch.Tensor, scan_type: str) -> torch.Tensor:
@@ -327,24 +329,28 @@ class DecodeGraph:
     """The language model's one-token decode step captured in a CUDA graph, over a state cache of its own.
 
     A Mamba's decode state has a fixed size and is updated in place, so one capture replays exactly; eager decoding
-    is bound by kernel launches instead (about 15 tokens/s for Mamba-2.8B on an H100). `generate` prefills into
-    `cache`; each decode step then copies the new token ids in and replays. The graph is captured at the first
-    decode step and reused by every later `generate` call with the same batch size.
+    is bound by kernel launches instead (16 tokens/s for Mamba-2.8B on an H100). `generate` prefills into `cache`;
+    each decode step then copies the new token ids in and replays. The graph is captured at the first decode step
+    and reused by later `generate` calls with the same batch size, as long as the parameters stay where they were
+    (`weights` records their addresses). One graph serves one `generate` call at a time: not thread-safe, and the
+    `cache_params` a call returns is reset by the next call of that batch size.
     """
 
     def __init__(self, model: "VLMambaForConditionalGeneration", batch_size: int):
         self.cache = DynamicCache(config=model.config.text_config)
         self.cache.decode_graph = self
         self.input_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=model.device)
+        self.weights = model.parameter_addresses()
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
     def step(self, model: "VLMambaForConditionalGeneration", input_ids: torch.LongTensor) -> torch.Tensor:
         """Logits `(batch, 1, vocab)` of the next token after `input_ids` `(batch, 1)`; the cache advances."""
-        self.input_ids.copy_(input_ids)
-        if self.graph is None:
-            self._capture(model)
-        self.graph.replay()
+        with torch.cuda.device(self.input_ids.device):
+            self.input_ids.copy_(input_ids)
+            if self.graph is None:
+                self._capture(model)
+            self.graph.replay()
         return self.logits
 
     def _capture(self, model: "VLMambaForConditionalGeneration") -> None:
@@ -377,7 +383,9 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
         self.generation_config.suppress_tokens = [config.image_token_id]
         # Decode through CUDA graphs on CUDA (see DecodeGraph); `generate(..., cuda_graph_decode=False)` turns it off.
         self.generation_config.cuda_graph_decode = True
-        self._decode_graphs: dict[tuple, DecodeGraph] = {}
+        # Saved as a customised generation config, so that the switch above is kept when the model is reloaded.
+        self.generation_config._from_model_config = False
+        self._decode_graphs: dict[int, DecodeGraph] = {}
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
@@ -421,7 +429,8 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
         if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             raise ValueError("labels need the logits of every position: leave logits_to_keep at 0 when training.")
         graph = getattr(cache_params, "decode_graph", None)
-        if graph is not None and input_ids is not None and input_ids.shape[1] == 1 and not output_hidden_states:
+        decode_step = input_ids is not None and input_ids.shape[1] == 1 and pixel_values is None
+        if graph is not None and decode_step and cache_params.has_previous_state() and not output_hidden_states:
             return VLMambaCausalLMOutput(logits=graph.step(self, input_ids), cache_params=cache_params)
         outputs = self.model(
             input_ids=input_ids,
@@ -465,11 +474,13 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
         batch_size: int,
         max_cache_length: int,
     ) -> None:
-        """Hand greedy and sampling `generate` calls on CUDA the persistent cache of a DecodeGraph."""
+        """Hand greedy and sampling `generate` calls on one CUDA device the persistent cache of a DecodeGraph."""
+        devices = set(getattr(self, "hf_device_map", {}).values())
         use_graph = (
             getattr(generation_config, "cuda_graph_decode", True)
             and generation_config.use_cache
             and self.device.type == "cuda"
+            and len(devices) <= 1
             and not self.training
             and model_kwargs.get("cache_params") is None
             and generation_mode in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
@@ -479,12 +490,17 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
                 generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
             )
         batch_size *= generation_config.num_return_sequences
-        key = (batch_size, self.dtype, self.device)
-        if key not in self._decode_graphs:
-            self._decode_graphs[key] = DecodeGraph(self, batch_size)
-        graph = self._decode_graphs[key]
+        graph = self._decode_graphs.get(batch_size)
+        if graph is None or graph.weights != self.parameter_addresses():  # new batch size, or moved/replaced weights
+            if graph is None and len(self._decode_graphs) >= MAX_DECODE_GRAPHS:
+                self._decode_graphs.pop(next(iter(self._decode_graphs)))  # the oldest batch size
+            graph = self._decode_graphs[batch_size] = DecodeGraph(self, batch_size)
         graph.cache.reset()
         model_kwargs["cache_params"] = graph.cache
+
+    def parameter_addresses(self) -> tuple[int, ...]:
+        """Where the decode step's parameters live: a captured graph is valid only while these stay the same."""
+        return tuple(param.data_ptr() for param in self.parameters())
 
     def prepare_inputs_for_generation(
         self,

@@ -155,3 +155,27 @@ def test_graph_decode_in_bf16_gives_the_eager_tokens():
     eager = model.generate(**inputs, max_new_tokens=32, do_sample=False, cuda_graph_decode=False)
     graphed = model.generate(**inputs, max_new_tokens=32, do_sample=False)
     assert torch.equal(graphed, eager)
+
+
+def test_graph_decode_on_a_reloaded_model_with_a_one_token_prompt_and_replaced_weights(tmp_path):
+    pytest.importorskip("mamba_ssm")
+    from transformers import AutoModelForImageTextToText
+
+    model, processor = tiny_cuda_model()
+    model.save_pretrained(tmp_path)
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=torch.float32).cuda().eval()
+    settings = {"max_new_tokens": 12, "do_sample": False}
+    one_token = torch.tensor([[processor.tokenizer.eos_token_id]], device="cuda")
+    assert torch.equal(
+        model.generate(input_ids=one_token, **settings),
+        model.generate(input_ids=one_token, cuda_graph_decode=False, **settings),
+    )
+    prompt = processor(text="Describe a picture.", return_tensors="pt").to("cuda")
+    first = model.generate(**prompt, **settings)
+    graph = model._decode_graphs[1]
+    with torch.no_grad():  # replacing the parameters (as a reload or an adapter merge may) must not replay stale ones
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.flip(0))
+    changed = model.generate(**prompt, **settings)
+    assert model._decode_graphs[1] is not graph
+    assert torch.equal(changed, model.generate(**prompt, cuda_graph_decode=False, **settings))
+    assert not torch.equal(changed, first)

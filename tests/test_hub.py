@@ -57,6 +57,17 @@ def test_weight_tying_survives_save_and_load(saved, model):
     torch.testing.assert_close(embeddings, model.lm_head.weight, rtol=0, atol=0)
 
 
+def test_generation_settings_survive_save_and_load(saved, model, processor):
+    loaded = AutoModelForImageTextToText.from_pretrained(saved)
+    assert loaded.generation_config.cuda_graph_decode is True
+    assert loaded.generation_config.suppress_tokens == [model.config.image_token_id]
+    inputs = processor(images=[make_image()], text=f"<image>{QUESTION}", return_tensors="pt")
+    assert (
+        loaded.generate(**inputs, max_new_tokens=2, cuda_graph_decode=False).shape[1]
+        == inputs["input_ids"].shape[1] + 2
+    )
+
+
 def test_remote_code_round_trip_in_a_process_that_cannot_import_the_package(saved, model, processor, tmp_path):
     image_path = tmp_path / "square.png"
     make_image().save(image_path)

@@ -1,6 +1,7 @@
 """Publishing: model cards of composed, converted and trained folders; the dry-run folder loading as remote code
 in a clean process; and the upload path through a recording stand-in for `HfApi`."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -91,6 +92,7 @@ def test_cards_of_composed_converted_and_trained_folders(folders):
     assert counts["total"] == sum(p.numel() for p in model.parameters())
     assert f"{counts['multi_modal_projector']:,}" in composed.text and "untrained VL-Mamba composed" in composed.text
     assert "`vss_l2`, bidirectional scan (2 directions)" in composed.text
+    assert "vision encoder `siglip` and the language model `mamba`" in composed.text  # names, not local paths
 
     trained = ModelCard.load(folders["trained"] / "README.md")
     metadata(trained)
@@ -172,12 +174,22 @@ def test_problems_are_reported_before_any_upload(folders, tmp_path, monkeypatch)
     with pytest.raises(PublishError, match=r"missing chat_template.jinja\n  missing modeling_vlmamba.py") as error:
         push_to_hub(broken, "org/vlmamba-test", token="hf_test", api=api)
     assert "pickle files ['pytorch_model.bin']" in str(error.value)
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "old-shard.safetensors").write_text("stale")
+    with pytest.raises(PublishError, match="staging folder .* is not empty"):
+        push_to_hub(folders["trained"], "org/vlmamba-test", token="hf_test", api=api, staging_dir=occupied)
     assert api.calls == []
 
 
 def test_dry_run_folder_loads_as_remote_code_in_a_clean_process(folders, tmp_path, capsys):
-    staged = push_to_hub(folders["trained"], "org/vlmamba-test", dry_run=True, staging_dir=tmp_path / "staged")
+    staged = push_to_hub(
+        folders["trained"], "org/vlmamba-test", dry_run=True, staging_dir=tmp_path / "staged", license="mit"
+    )
     printed = capsys.readouterr().out
+    assert json.loads((staged / "card_data.json").read_text())["license"] == "mit"
+    assert "license: mit" in (staged / "README.md").read_text()
+    assert str(folders["root"]) not in (staged / "card_data.json").read_text()  # no local paths are published
     assert "model.safetensors" in printed and "library_name: transformers" in printed
     copy = tmp_path / "copy"
     shutil.copytree(staged, copy)

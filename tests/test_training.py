@@ -12,7 +12,14 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCall
 from conversion.hub_folder import save_folder
 from tests.conftest import make_image
 from training.data import DataError, VisionCollator, read_llava_json
-from training.sft import PRESETS, build_parser, build_trainer, resolved_hyperparameters, train
+from training.sft import (
+    PRESETS,
+    build_parser,
+    build_trainer,
+    get_last_checkpoint_or_none,
+    resolved_hyperparameters,
+    train,
+)
 from training.synthetic import generate, texts
 from training.tiny import tiny_config, tiny_model, tiny_processor
 from training.tokenizer import train_gpt_neox_tokenizer
@@ -123,13 +130,26 @@ def test_an_interrupted_run_resumes_to_the_same_weights(workspace):
     with pytest.raises(Interrupt):
         interrupted.train()
     assert (workspace / "interrupted" / "checkpoint-3").is_dir()
-    with pytest.raises(FileExistsError, match="holds checkpoints: pass --resume"):
+    with pytest.raises(FileExistsError, match=r"holds a run \(checkpoints or final/\): pass --resume"):
         build_trainer(args)
     args.resume = True
-    resumed = train(args)
-    resumed_model = AutoModelForImageTextToText.from_pretrained(resumed, trust_remote_code=True)
+    resumed = build_trainer(args)
+    started_at = []
+
+    class RecordStart(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            started_at.append(state.global_step)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            started_at.append(state.global_step)
+
+    resumed.add_callback(RecordStart())
+    checkpoint = get_last_checkpoint_or_none(workspace / "interrupted")  # as train() finds it for --resume
+    assert Path(checkpoint).name == "checkpoint-3"
+    resumed.train(resume_from_checkpoint=checkpoint)
+    assert started_at[1:] == [4, 5, 6]  # steps 1-3 came from the checkpoint, not from training again
     reference = parameters(straight.model)
-    for name, value in parameters(resumed_model).items():
+    for name, value in parameters(resumed.model).items():
         torch.testing.assert_close(value, reference[name], rtol=0, atol=RESUME_ATOL)
 
 
@@ -158,10 +178,12 @@ def test_stage_1_labels_cover_exactly_the_caption(workspace):
     processor = AutoProcessor.from_pretrained(workspace / "untrained", trust_remote_code=True)
     rows = read_llava_json(workspace / "data" / "captions.json", stage=1)
     batch = VisionCollator(processor, stage=1)([rows[0], rows[1]])
-    caption = json.loads((workspace / "data" / "captions.json").read_text())[0]["conversations"][1]["value"]
     image_tokens = "<image>" * processor.image_seq_length
-    ids, labels = expected_tokens(processor, [(image_tokens, False), (caption + "<|endoftext|>", True)])
-    assert_labels(batch, 0, ids, labels)
+    records = json.loads((workspace / "data" / "captions.json").read_text())
+    for row in range(2):
+        caption = records[row]["conversations"][1]["value"]
+        ids, labels = expected_tokens(processor, [(image_tokens, False), (caption + "<|endoftext|>", True)])
+        assert_labels(batch, row, ids, labels)
 
 
 def test_stage_2_labels_cover_exactly_the_assistant_turns(workspace, tmp_path):
@@ -263,7 +285,17 @@ def test_unreadable_image_names_the_record_or_is_skipped(workspace, tmp_path):
         VisionCollator(processor, stage=2)([rows[0], rows[1]])
     collator = VisionCollator(processor, stage=2, skip_bad_samples=True)
     batch = collator([rows[0], rows[1]])
-    assert batch["input_ids"].shape[0] == 1 and collator.skipped.value == 1
+    assert batch["input_ids"].shape[0] == 1 and collator.skipped == 1
+
+
+def test_max_length_cutting_image_tokens_and_stage_1_datasets_are_refused(workspace):
+    processor = AutoProcessor.from_pretrained(workspace / "untrained", trust_remote_code=True)
+    rows = read_llava_json(workspace / "data" / "conversations.json", stage=2)
+    with pytest.raises(DataError, match=r"--max-length 8 cuts through image tokens in a batch of records scene-0-"):
+        VisionCollator(processor, stage=2, max_length=8)([rows[0]])
+    with pytest.raises(ValueError, match="Stage 1 trains on LLaVA-JSON captions"):
+        argv = ["--stage", "1", "--model", str(workspace / "untrained"), "--dataset", "some/dataset"]
+        build_trainer(build_parser().parse_args(argv + ["--output-dir", str(workspace / "s1-dataset")]))
 
 
 def test_stage_presets_and_their_overrides(workspace):
@@ -282,16 +314,23 @@ def test_stage_presets_and_their_overrides(workspace):
 
 
 def test_synthetic_data_is_deterministic_and_holds_out_unseen_layouts(tmp_path):
-    import random
+    from training.synthetic import CHANCE, COLOURS, POSITIONS, SHAPES
 
-    from training.synthetic import CHANCE, layouts
-
-    training_layouts, heldout_layouts = layouts(random.Random(0))
-    assert len(training_layouts) + len(heldout_layouts) == 4 * 4 * 15 and not set(training_layouts) & set(
-        heldout_layouts
-    )
-    first, second = generate(tmp_path / "a", 12, 3, seed=5), generate(tmp_path / "b", 12, 3, seed=5)
+    first, second = generate(tmp_path / "a", 400, 40, seed=5), generate(tmp_path / "b", 400, 40, seed=5)
     for name in ("captions.json", "conversations.json", "heldout.json"):
         assert (first / name).read_text() == (second / name).read_text()
-    heldout = json.loads((first / "heldout.json").read_text())
-    assert {record["question_type"] for record in heldout} <= set(CHANCE) and max(CHANCE.values()) <= 0.25
+
+    def layouts(name: str) -> set:
+        records = json.loads((first / name).read_text())
+        return {
+            (r["layout"]["colour"], r["layout"]["shape"], tuple(r["layout"]["cells"]))
+            for r in records
+            if "layout" in r
+        }
+
+    training, heldout = layouts("conversations.json"), layouts("heldout.json")
+    assert heldout and not training & heldout  # held-out scenes show layouts never trained on
+    assert {layout[0] for layout in training} == set(COLOURS) and {layout[1] for layout in training} == set(SHAPES)
+    assert {cell for layout in training for cell in layout[2]} == set(POSITIONS)
+    records = json.loads((first / "heldout.json").read_text())
+    assert {record["question_type"] for record in records} == set(CHANCE)

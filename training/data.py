@@ -12,10 +12,10 @@ batch's images when the batch is drawn, so a 665K-image dataset never sits in me
 
 import json
 import logging
-import multiprocessing
 from pathlib import Path
 
 import datasets
+import PIL.Image
 from tqdm.auto import tqdm
 from transformers import ProcessorMixin
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
@@ -32,7 +32,7 @@ class DataError(ValueError):
     """A record that cannot be trained on; the message names the record and, where one is involved, the file."""
 
 
-def _image_paths(record: dict, record_id: str, image_folder: Path) -> list[Path]:
+def _image_paths(record: dict, record_id: str, image_folder: Path, verify: bool) -> list[Path]:
     images = record.get("image", [])
     images = [images] if isinstance(images, str) else images
     if not isinstance(images, list) or not all(isinstance(name, str) for name in images):
@@ -41,6 +41,12 @@ def _image_paths(record: dict, record_id: str, image_folder: Path) -> list[Path]
     for path in paths:
         if not path.is_file():
             raise DataError(f"Record {record_id}: image file not found: {path}")
+        if verify:
+            try:
+                with PIL.Image.open(path) as image:
+                    image.verify()
+            except (OSError, SyntaxError) as error:
+                raise DataError(f"Record {record_id}: unreadable image {path}: {error}") from error
     return paths
 
 
@@ -82,12 +88,14 @@ def content_blocks(text: str) -> list[dict]:
     return blocks
 
 
-def llava_row(record: dict, index: int, image_folder: Path, stage: int, eos_token: str) -> dict:
+def llava_row(
+    record: dict, index: int, image_folder: Path, stage: int, eos_token: str, verify_images: bool = False
+) -> dict:
     """One LLaVA-JSON record as a training row of `stage` (see the module docstring); raises `DataError`."""
     if not isinstance(record, dict):
         raise DataError(f"Record #{index} is not an object: {record!r}.")
     record_id = str(record.get("id", f"#{index}"))
-    paths = _image_paths(record, record_id, image_folder)
+    paths = _image_paths(record, record_id, image_folder, verify_images)
     turns = _turns(record, record_id, len(paths))
     images = [str(path) for path in paths]
     if stage == 1:
@@ -113,8 +121,8 @@ def read_llava_json(
     """Read a LLaVA-JSON file into a `datasets.Dataset` of stage `stage` rows (image paths, decoded per batch).
 
     Every record is checked: its structure, an assistant turn, one `<image>` per image, and that each image file
-    exists. A bad record raises `DataError` naming it (and the file); with `skip_bad_samples` it is left out with
-    a warning, and the number left out is logged at the end.
+    exists. A bad record raises `DataError` naming it (and the file); with `skip_bad_samples` the image files are
+    also checked to be readable, and a bad record is left out with a warning, and the number left out logged.
     """
     json_path = Path(json_path)
     image_folder = Path(image_folder) if image_folder is not None else json_path.parent
@@ -127,7 +135,7 @@ def read_llava_json(
     rows, skipped = [], 0
     for index, record in enumerate(tqdm(records, desc=f"Reading {json_path.name}", unit="record")):
         try:
-            rows.append(llava_row(record, index, image_folder, stage, eos_token))
+            rows.append(llava_row(record, index, image_folder, stage, eos_token, verify_images=skip_bad_samples))
         except DataError as error:
             if not skip_bad_samples:
                 raise
@@ -143,9 +151,11 @@ def read_llava_json(
 class VisionCollator:
     """Builds training batches: decodes each batch's images, then lets TRL's vision collator tokenize and label it.
 
-    Labels are -100 on prompts (stage 1) or non-assistant turns (stage 2), on padding, and always on image tokens.
+    Labels are -100 on prompts (stage 1) or non-assistant turns (stage 2), on padding, and always on image tokens
+    (TRL's fused loss reads these labels without going through the model's own image-position masking).
     A sample whose image cannot be decoded raises `DataError` naming the record and file; with `skip_bad_samples`
-    it is dropped with a warning and counted in `skipped` (shared with dataloader workers).
+    it is dropped with a warning and counted in `skipped` (per process: dataloader workers count their own). A
+    `max_length` that would cut through a sample's image tokens raises `DataError` naming the records.
     """
 
     def __init__(self, processor: ProcessorMixin, stage: int, max_length: int | None = None, skip_bad_samples=False):
@@ -156,8 +166,10 @@ class VisionCollator:
             assistant_only_loss=stage == 2,
         )
         self.image_token_id = processor.image_token_id
+        self.image_seq_length = processor.image_seq_length
+        self.max_length = max_length
         self.skip_bad_samples = skip_bad_samples
-        self.skipped = multiprocessing.Value("i", 0)
+        self.skipped = 0
 
     def _decode(self, example: dict) -> dict | None:
         images = []
@@ -168,8 +180,7 @@ class VisionCollator:
                 message = f"Record {example.get('id', '?')}: cannot use image {image}: {error}"
                 if not self.skip_bad_samples:
                     raise DataError(message) from error
-                with self.skipped.get_lock():
-                    self.skipped.value += 1
+                self.skipped += 1
                 logger.warning(f"Skipping a bad sample: {message}")
                 return None
         return {**example, "images": images}
@@ -178,7 +189,16 @@ class VisionCollator:
         batch = [decoded for decoded in map(self._decode, examples) if decoded is not None]
         if not batch:
             raise DataError("Every sample of a batch had an unreadable image; check the image folder.")
-        output = self.collator(batch)
+        try:
+            output = self.collator(batch)
+        except ValueError as error:
+            if self.max_length is None or "token count" not in str(error):
+                raise
+            ids = ", ".join(str(example.get("id", "?")) for example in batch)
+            raise DataError(
+                f"--max-length {self.max_length} cuts through image tokens in a batch of records {ids}; raise it "
+                f"(each image takes {self.image_seq_length} tokens) or leave it unset."
+            ) from error
         output["labels"][output["input_ids"] == self.image_token_id] = -100
         return output
 

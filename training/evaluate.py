@@ -33,7 +33,10 @@ def evaluate(
 ) -> dict[str, float]:
     """Accuracy per `question_type` and `overall` on the held-out records."""
     heldout_json = Path(heldout_json)
-    records = json.loads(heldout_json.read_text())
+    question_types = {
+        str(record.get("id", f"#{index}")): record.get("question_type", "all")
+        for index, record in enumerate(json.loads(heldout_json.read_text()))
+    }
     rows = read_llava_json(heldout_json, image_folder, stage=2)
     correct, total = defaultdict(int), defaultdict(int)
     model.eval()
@@ -45,12 +48,14 @@ def evaluate(
             prompts.append(processor.apply_chat_template([question], add_generation_prompt=True))
             images.extend(paths)
             answers.append(answer)
-        inputs = processor(images=images or None, text=prompts, padding=True, return_tensors="pt").to(model.device)
+        inputs = processor(
+            images=images or None, text=prompts, padding=True, padding_side="left", return_tensors="pt"
+        ).to(model.device)
         with torch.no_grad():
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         predictions = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        for offset, (prediction, answer) in enumerate(zip(predictions, answers, strict=True)):
-            question_type = records[start + offset].get("question_type", "all")
+        for record_id, prediction, answer in zip(batch["id"], predictions, answers, strict=True):
+            question_type = question_types[record_id]
             total[question_type] += 1
             correct[question_type] += normalise(prediction) == normalise(answer)
     accuracy = {question_type: correct[question_type] / total[question_type] for question_type in sorted(total)}

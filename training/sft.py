@@ -34,6 +34,7 @@ PRESETS = {
     1: {"learning_rate": 1e-3, "global_batch_size": 256, "per_device_batch_size": 32},
     2: {"learning_rate": 2e-5, "global_batch_size": 128, "per_device_batch_size": 16},
 }
+PATH_ARGUMENTS = ("model", "data", "dataset", "image_folder", "output_dir")
 # On Mamba-1 only `in_proj` is called as a module on every path (the fused kernel reads the other weights raw).
 LORA_TARGETS = r".*language_model.*\.in_proj"
 
@@ -130,8 +131,12 @@ def lora_config(args: argparse.Namespace) -> LoraConfig | None:
 def build_trainer(args: argparse.Namespace) -> SFTTrainer:
     """The SFTTrainer of a stage: model frozen per stage, data, collator, presets and optional LoRA."""
     output_dir = Path(args.output_dir)
-    if not args.resume and get_last_checkpoint_or_none(output_dir) is not None:
-        raise FileExistsError(f"{output_dir} holds checkpoints: pass --resume to continue, or another --output-dir.")
+    if not args.resume and (get_last_checkpoint_or_none(output_dir) is not None or (output_dir / "final").exists()):
+        raise FileExistsError(
+            f"{output_dir} holds a run (checkpoints or final/): pass --resume to continue, or another --output-dir."
+        )
+    if args.stage == 1 and args.dataset:
+        raise ValueError("Stage 1 trains on LLaVA-JSON captions (--data): a messages dataset is for stage 2.")
     hyper = resolved_hyperparameters(args)
     bf16 = args.bf16 if args.bf16 is not None else bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
@@ -166,7 +171,7 @@ def build_trainer(args: argparse.Namespace) -> SFTTrainer:
         remove_unused_columns=False,  # the collator needs the record id for its errors
     )
     collator = VisionCollator(processor, args.stage, args.max_length, args.skip_bad_samples)
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model,
         args=config,
         train_dataset=dataset,
@@ -174,6 +179,9 @@ def build_trainer(args: argparse.Namespace) -> SFTTrainer:
         processing_class=processor,
         peft_config=lora,
     )
+    if trainer.is_fsdp_enabled and lora is not None:
+        raise ValueError("LoRA under FSDP is not supported (the final merge needs the full adapters): use DDP.")
+    return trainer
 
 
 def get_last_checkpoint_or_none(output_dir: Path) -> str | None:
@@ -198,13 +206,17 @@ def stage_record(trainer: SFTTrainer, args: argparse.Namespace) -> dict:
         "world_size": trainer.args.world_size,
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
-        "arguments": vars(args),
+        # file names only: the card is published, the paths of this machine are not
+        "arguments": {
+            key: Path(value).name if key in PATH_ARGUMENTS and value else value for key, value in vars(args).items()
+        },
     }
 
 
 def save_final(trainer: SFTTrainer, args: argparse.Namespace) -> Path:
     """Write OUTPUT_DIR/final: the trained model (LoRA merged), processor, remote code and a model card that
-    records this stage after those of the input model."""
+    records this stage after those of the input model. The trainer's model is merged and cast in place: call this
+    once the training is over."""
     final_dir = Path(args.output_dir) / "final"
     model = trainer.accelerator.unwrap_model(trainer.model)
     if trainer.is_fsdp_enabled:  # sharded parameters: gather a full copy of the weights
@@ -242,9 +254,9 @@ def train(args: argparse.Namespace) -> Path:
     trainer = build_trainer(args)
     checkpoint = get_last_checkpoint_or_none(Path(args.output_dir)) if args.resume else None
     trainer.train(resume_from_checkpoint=checkpoint)
-    skipped = trainer.data_collator.skipped.value
-    if skipped:
-        print(f"Skipped {skipped} samples whose images could not be decoded.")
+    skipped = trainer.data_collator.skipped
+    if skipped and trainer.is_world_process_zero():
+        print(f"Skipped {skipped} samples whose images could not be decoded (this process).")
     final_dir = save_final(trainer, args)
     trainer.accelerator.wait_for_everyone()
     return final_dir

@@ -122,7 +122,8 @@ def generate(
     captions, conversations, heldout = [], [], []
     for index in tqdm(range(train_scenes + heldout_scenes), desc="Drawing scenes", unit="scene"):
         held_out = index >= train_scenes
-        items = scene(rng.choice(heldout_layouts if held_out else training_layouts))
+        layout = rng.choice(heldout_layouts if held_out else training_layouts)
+        items = scene(layout)
         name = f"images/{index:06d}.png"
         draw_scene(items, size, rng).save(output_dir / name)
         if not held_out:
@@ -135,6 +136,7 @@ def generate(
             )
         for question_type, question, answer in questions(items):
             record = {"id": f"scene-{index}-{question_type}", "image": name, "question_type": question_type}
+            record["layout"] = {"colour": layout[0], "shape": layout[1], "cells": list(layout[2])}
             record["conversations"] = turn(question + "<image>", answer)
             (heldout if held_out else conversations).append(record)
     for number, (question, answer) in enumerate(TEXT_ONLY):
