@@ -334,3 +334,19 @@ def test_synthetic_data_is_deterministic_and_holds_out_unseen_layouts(tmp_path):
     assert {cell for layout in training for cell in layout[2]} == set(POSITIONS)
     records = json.loads((first / "heldout.json").read_text())
     assert {record["question_type"] for record in records} == set(CHANCE)
+
+
+@pytest.mark.parametrize(("name", "kind"), [("ddp", "MULTI_GPU"), ("fsdp2", "FSDP"), ("zero2", "DEEPSPEED")])
+def test_accelerate_configs_load(name, kind):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(
+        str(Path(__file__).resolve().parents[1] / "training" / "configs" / f"{name}.yaml")
+    )
+    assert (config.distributed_type.name, config.mixed_precision) == (kind, "bf16")
+    if name == "fsdp2":
+        assert (
+            config.fsdp_config["fsdp_version"] == 2 and config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+        )
+    if name == "zero2":
+        assert config.deepspeed_config["zero_stage"] == 2
