@@ -1,7 +1,7 @@
 """GPU benchmarks of VL-Mamba at the paper's 2.8B shape, with baselines measured in the same run.
 
-    python bench/bench_vlmamba.py decode [--batch-sizes 1 16 64] [--new-tokens 256] [--skip-transformer]
-    python bench/bench_vlmamba.py train [--batch-size 8] [--steps 6]
+    python bench/bench_vlmamba.py decode [--batch-sizes 1 16 64] [--new-tokens 256] [--skip-transformer] [--profile]
+    python bench/bench_vlmamba.py train [--batch-size 8] [--steps 6] [--profile]
 
 `decode`: (a) VL-Mamba (SigLIP-SO400M-shape tower, `vss_l2` + bidirectional connector, Mamba-2.8B-shape LLM,
 random weights, bf16) answering one 384x384 image and a short question (800 prompt tokens), greedy, through
@@ -52,6 +52,22 @@ def timed(function, repeats: int = 1) -> tuple[float, object]:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times), result
+
+
+def profile_table(function, rows: int = 15) -> str:
+    """The `rows` kernels and ops with the most GPU time in one call of `function`, and GPU busy vs wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        function()
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    events = profiler.key_averages()
+    gpu_us = sum(event.self_device_time_total for event in events)
+    table = events.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=60)
+    return f"wall {wall * 1e3:.1f} ms (profiled), GPU kernels {gpu_us / 1e3:.1f} ms\n{table}"
 
 
 def prompt(batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -146,8 +162,18 @@ def mamba_measurements(args: argparse.Namespace, generator: torch.Generator) -> 
         results["vlmamba"][batch] = measure_generate(vlmamba_runner(model, inputs), args.new_tokens, batch)
         print(f"VL-Mamba batch {batch}: {results['vlmamba'][batch]}", flush=True)
 
-    torch.cuda.reset_peak_memory_stats()
+    if 1 in results["vlmamba"]:  # where a token's time goes: the decode step's GPU time vs the generate loop
+        graph = model._decode_graphs[1].graph
+        replay_s, _ = timed(lambda: [graph.replay() for _ in range(100)])
+        results["checks"]["graph_replay_ms_batch1"] = replay_s * 10
+        results["checks"]["generate_ms_per_token_batch1"] = 1e3 / results["vlmamba"][1]["decode_tokens_per_s"]
+    with torch.no_grad():
+        prefill_s, _ = timed(lambda: model(**single, use_cache=True, logits_to_keep=1), repeats=5)
+    results["checks"]["vlmamba_prefill_forward_s"] = prefill_s
     long_generate = vlmamba_runner(model, single)
+    if args.profile:
+        print("VL-Mamba time to first token, batch 1:", profile_table(lambda: long_generate(1)), sep="\n")
+    torch.cuda.reset_peak_memory_stats()
     long_generate(256)
     peak_256 = torch.cuda.max_memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -167,6 +193,9 @@ def mamba_measurements(args: argparse.Namespace, generator: torch.Generator) -> 
     with torch.no_grad():
         prefill_s, _ = timed(lambda: native(single["input_ids"].clamp(max=VOCAB - 4), num_last_tokens=1), repeats=5)
     results["checks"]["mamba_ssm_prefill_s"] = prefill_s
+    if args.profile:
+        ids = single["input_ids"].clamp(max=VOCAB - 4)
+        print("mamba_ssm prefill, batch 1:", profile_table(lambda: native(ids, num_last_tokens=1)), sep="\n")
     return results
 
 
@@ -224,12 +253,24 @@ def train(args: argparse.Namespace) -> dict:
 
     class Clock(TrainerCallback):
         def on_step_begin(self, *_, **__):
+            if args.profile and len(step_times) == args.steps - 1:  # the last step, long after the warm-up
+                from torch.profiler import ProfilerActivity, profile
+
+                self.profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                self.profiler.__enter__()
             torch.cuda.synchronize()
             self.start = time.perf_counter()
 
         def on_step_end(self, *_, **__):
             torch.cuda.synchronize()
             step_times.append(time.perf_counter() - self.start)
+            if getattr(self, "profiler", None) is not None:
+                self.profiler.__exit__(None, None, None)
+                events = self.profiler.key_averages()
+                gpu_ms = sum(event.self_device_time_total for event in events) / 1e3
+                print(f"training step: wall {step_times[-1] * 1e3:.0f} ms, GPU kernels {gpu_ms:.0f} ms")
+                print(events.table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=60))
+                self.profiler = None
 
     trainer.add_callback(Clock())
     trainer.train()
@@ -259,6 +300,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--output", help="write the results as JSON here")
+    parser.add_argument("--profile", action="store_true", help="print where the GPU time goes (torch.profiler)")
     args = parser.parse_args()
     results = decode(args) if args.mode == "decode" else train(args)
     results["gpu"] = torch.cuda.get_device_name()

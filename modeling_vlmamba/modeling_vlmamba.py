@@ -12,12 +12,18 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation.configuration_utils import GenerationConfig, GenerationMode
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import slice_logits_to_keep
-from transformers.models.mamba.modeling_mamba import MambaMixer
+from transformers.models.mamba.modeling_mamba import (
+    MambaMixer,
+    MambaModel,
+    causal_conv1d_update,
+    mamba_selective_state_update,
+)
 from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.import_utils import torch_compilable_check
 
 from .configuration_vlmamba import VLMambaConfig
+from .fused_add_rms_norm import add_rms_norm
 
 IGNORE_INDEX = -100
 # CUDA graphs kept for decoding (one per batch size); the oldest is dropped beyond this.
@@ -325,15 +331,63 @@ class VLMambaModel(VLMambaPreTrainedModel):
         )
 
 
+def ssm_matrices(language_model: MambaModel) -> list[torch.Tensor]:
+    """Each layer's state matrix `A = -exp(A_log)` `(intermediate, state)` in fp32, as its mixer computes it."""
+    return [-torch.exp(layer.mixer.A_log.float()) for layer in language_model.layers]
+
+
+def mamba_decode_step(
+    language_model: MambaModel, input_ids: torch.LongTensor, cache: Cache, ssm_A: list[torch.Tensor]
+) -> torch.Tensor:
+    """One cached token through the Mamba LM: `(batch, 1)` ids -> `(batch, 1, hidden)` final hidden states.
+
+    What `language_model(input_ids, cache_params=cache)` computes for one token, with fewer and cheaper kernels,
+    for a CUDA graph: each layer's residual add and RMSNorm are one kernel (`add_rms_norm`), `A` comes precomputed
+    (`ssm_matrices`), and every projection is a single `(batch, features)` matmul. The conv and SSM states in `cache`
+    advance in place through the same kernels (or PyTorch fallbacks) as the mixer's.
+    """
+    embeds = language_model.embeddings(input_ids[:, 0])
+    residual, mixer_output = embeds.float() if language_model.config.residual_in_fp32 else embeds, None
+    for layer_idx, (layer, A) in enumerate(zip(language_model.layers, ssm_A, strict=True)):
+        residual, hidden_states = add_rms_norm(residual, mixer_output, layer.norm)
+        mixer = layer.mixer
+        x, gate = mixer.in_proj(hidden_states).chunk(2, dim=-1)
+        x = causal_conv1d_update(
+            x.unsqueeze(-1),
+            cache.get_conv_state(layer_idx, state_idx=0),
+            mixer.conv1d.weight.squeeze(1),
+            mixer.conv1d.bias,
+            activation=mixer.activation,
+        ).squeeze(-1)
+        time_step, B, C = torch.split(
+            mixer.x_proj(x), [mixer.time_step_rank, mixer.ssm_state_size, mixer.ssm_state_size], dim=-1
+        )
+        y = mamba_selective_state_update(
+            cache.get_recurrent_state(layer_idx, state_idx=0),
+            x,
+            nn.functional.linear(time_step, mixer.dt_proj.weight),
+            A,
+            B,
+            C,
+            mixer.D,
+            z=gate,
+            dt_bias=mixer.dt_proj.bias,
+            dt_softplus=True,
+        )
+        mixer_output = mixer.out_proj(y)
+    return language_model.norm_f(residual + mixer_output)[:, None]
+
+
 class DecodeGraph:
     """The language model's one-token decode step captured in a CUDA graph, over a state cache of its own.
 
     A Mamba's decode state has a fixed size and is updated in place, so one capture replays exactly; eager decoding
-    is bound by kernel launches instead (16 tokens/s for Mamba-2.8B on an H100). `generate` prefills into `cache`;
-    each decode step then copies the new token ids in and replays. The graph is captured at the first decode step
-    and reused by later `generate` calls with the same batch size, as long as the parameters stay where they were
-    (`weights` records their addresses). One graph serves one `generate` call at a time: not thread-safe, and the
-    `cache_params` a call returns is reset by the next call of that batch size.
+    is bound by kernel launches instead (16 tokens/s for Mamba-2.8B on an H100). The captured step is
+    `mamba_decode_step`. `generate` calls `reset` and prefills into `cache`; each decode step then copies the new
+    token ids in and replays. The graph is captured at the first decode step and reused by later `generate` calls
+    with the same batch size, as long as the parameters stay where they were (`weights` records their addresses).
+    One graph serves one `generate` call at a time: not thread-safe, and the `cache_params` a call returns is reset
+    by the next call of that batch size.
     """
 
     def __init__(self, model: "VLMambaForConditionalGeneration", batch_size: int):
@@ -341,8 +395,16 @@ class DecodeGraph:
         self.cache.decode_graph = self
         self.input_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=model.device)
         self.weights = model.parameter_addresses()
+        self.ssm_A = [torch.empty_like(A) for A in ssm_matrices(model.model.language_model)]
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def reset(self, model: "VLMambaForConditionalGeneration") -> None:
+        """Empty the cache and recompute `A` (the weights may have changed in place since the last call)."""
+        self.cache.reset()
+        for buffer, A in zip(self.ssm_A, ssm_matrices(model.model.language_model), strict=True):
+            buffer.copy_(A)
 
     def step(self, model: "VLMambaForConditionalGeneration", input_ids: torch.LongTensor) -> torch.Tensor:
         """Logits `(batch, 1, vocab)` of the next token after `input_ids` `(batch, 1)`; the cache advances."""
@@ -359,11 +421,11 @@ class DecodeGraph:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.no_grad():  # compiles and autotunes the kernels outside the capture
             for _ in range(2):
-                model.decode_logits(self.input_ids, self.cache)
+                model.decode_logits(self.input_ids, self.cache, self.ssm_A)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), torch.no_grad():
-            self.logits = model.decode_logits(self.input_ids, self.cache)
+            self.logits = model.decode_logits(self.input_ids, self.cache, self.ssm_A)
         for layer, (conv, recurrent) in zip(self.cache.layers, states, strict=True):  # undo the warm-up steps
             layer.conv_states[0].copy_(conv)
             layer.recurrent_states[0].copy_(recurrent)
@@ -461,9 +523,11 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
             image_hidden_states=outputs.image_hidden_states,
         )
 
-    def decode_logits(self, input_ids: torch.LongTensor, cache_params: Cache) -> torch.Tensor:
-        """One cached decode step of the language model: `(batch, 1)` ids -> `(batch, 1, vocab)` fp32 logits."""
-        hidden_states = self.model(input_ids=input_ids, cache_params=cache_params, use_cache=True).last_hidden_state
+    def decode_logits(
+        self, input_ids: torch.LongTensor, cache_params: Cache, ssm_A: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """One cached decode step (`mamba_decode_step`): `(batch, 1)` ids -> `(batch, 1, vocab)` fp32 logits."""
+        hidden_states = mamba_decode_step(self.model.language_model, input_ids, cache_params, ssm_A)
         return self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).float()
 
     def _prepare_cache_for_generation(
@@ -495,7 +559,7 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
             if graph is None and len(self._decode_graphs) >= MAX_DECODE_GRAPHS:
                 self._decode_graphs.pop(next(iter(self._decode_graphs)))  # the oldest batch size
             graph = self._decode_graphs[batch_size] = DecodeGraph(self, batch_size)
-        graph.cache.reset()
+        graph.reset(self)
         model_kwargs["cache_params"] = graph.cache
 
     def parameter_addresses(self) -> tuple[int, ...]:
@@ -510,6 +574,11 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
         is_first_iteration: bool | None = False,
         **kwargs,
     ) -> dict:
+        cache_params = kwargs.get("cache_params")
+        if not is_first_iteration and hasattr(cache_params, "decode_graph") and not kwargs.get("output_hidden_states"):
+            # A graph decode step reads only the new token and the cache (see `forward`); the generic preparation
+            # below costs more host time than the replay takes to launch.
+            return {"input_ids": input_ids[:, -1:], "cache_params": cache_params, "use_cache": True}
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,
             attention_mask=attention_mask,
@@ -525,6 +594,7 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
 
 __all__ = [
     "DecodeGraph",
+    "mamba_decode_step",
     "VLMambaForConditionalGeneration",
     "VLMambaModel",
     "VLMambaPreTrainedModel",

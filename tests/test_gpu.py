@@ -127,7 +127,7 @@ def test_graph_decode_gives_the_eager_greedy_tokens_and_keeps_the_generate_contr
 
     captured = graph.graph
     again = model.generate(**inputs, repetition_penalty=1.3, **settings)  # a logits processor; same graph reused
-    assert model._decode_graphs[(2, torch.float32, model.device)].graph is captured
+    assert model._decode_graphs[2].graph is captured
     eager_again = model.generate(**inputs, repetition_penalty=1.3, cuda_graph_decode=False, **settings)
     assert torch.equal(again.sequences, eager_again.sequences)
 
@@ -179,3 +179,33 @@ def test_graph_decode_on_a_reloaded_model_with_a_one_token_prompt_and_replaced_w
     assert model._decode_graphs[1] is not graph
     assert torch.equal(changed, model.generate(**prompt, cuda_graph_decode=False, **settings))
     assert not torch.equal(changed, first)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("residual_dtype", [torch.float32, None])
+def test_fused_add_rms_norm_computes_what_mamba_block_does(dtype, residual_dtype):
+    pytest.importorskip("triton")
+    from transformers.models.mamba.modeling_mamba import MambaRMSNorm
+
+    from modeling_vlmamba.fused_add_rms_norm import add_rms_norm
+
+    torch.manual_seed(0)
+    norm = MambaRMSNorm(2560, eps=1e-5).to("cuda", dtype)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.2)
+    residual = torch.randn(64, 2560, device="cuda", dtype=residual_dtype or dtype)
+    mixer_output = torch.randn(64, 2560, device="cuda", dtype=dtype)
+    for added in (None, mixer_output):
+        fused_residual, fused = add_rms_norm(residual, added, norm)
+        expected_residual = residual if added is None else residual + added
+        expected = norm(expected_residual.to(dtype))  # MambaBlock's norm input is cast to the weight dtype
+        assert fused_residual.dtype == expected_residual.dtype and fused.dtype == expected.dtype
+        assert torch.equal(fused_residual, expected_residual)
+        # The only difference allowed comes from the order of the fp32 sum of squares: a few fp32 ulps, which bf16
+        # rounding absorbs in all but a few values.
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(fused.float(), expected.float(), rtol=4 * eps, atol=eps)
+        unequal = (fused != expected).float().mean().item()
+        print(f"\n{dtype} residual {expected_residual.dtype}: fused norm differs in {unequal:.2%} of the values")
+        if dtype == torch.bfloat16:
+            assert unequal < 0.01

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from modeling_vlmamba import VLMambaForConditionalGeneration
+from modeling_vlmamba.modeling_vlmamba import ssm_matrices
 from tests.conftest import make_image, user_turn
 from training.tiny import TINY_CLIP, TINY_SIGLIP, tiny_config, tiny_model, tiny_processor
 
@@ -161,6 +162,26 @@ def test_decode_without_mask_equals_the_full_forward(model, processor):
             pixel_values=batch["pixel_values"],
         )
     torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("residual_in_fp32", [True, False])
+def test_graph_decode_step_equals_the_cached_forward(tokenizer, processor, residual_in_fp32):
+    """`mamba_decode_step` (the step DecodeGraph captures) gives the cached forward's logits and states."""
+    config = tiny_config(tokenizer, text={"residual_in_fp32": residual_in_fp32})
+    model = tiny_model(config)
+    batch = chat_inputs(processor, ["What colour is the square at the top left?", "How many?"])
+    next_tokens = torch.tensor([[11], [12]])
+    with torch.no_grad():
+        prefill = model(**batch, use_cache=True)
+        states = copy.deepcopy(prefill.cache_params)
+        step = model(input_ids=next_tokens, cache_params=prefill.cache_params, use_cache=True)
+        graph_step = model.decode_logits(next_tokens, states, ssm_matrices(model.model.language_model))
+    assert graph_step.shape == step.logits.shape and graph_step.dtype == torch.float32
+    torch.testing.assert_close(graph_step, step.logits, rtol=0, atol=ATOL)
+    for layer_idx in range(config.text_config.num_hidden_layers):
+        for read in ("get_conv_state", "get_recurrent_state"):
+            expected = getattr(prefill.cache_params, read)(layer_idx, state_idx=0)
+            torch.testing.assert_close(getattr(states, read)(layer_idx, state_idx=0), expected, rtol=0, atol=ATOL)
 
 
 def test_generate_strategies_text_only_and_several_images(model, processor, tokenizer):
