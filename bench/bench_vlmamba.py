@@ -54,8 +54,9 @@ def timed(function, repeats: int = 1) -> tuple[float, object]:
     return statistics.median(times), result
 
 
-def profile_table(function, rows: int = 15) -> str:
-    """The `rows` kernels and ops with the most GPU time in one call of `function`, and GPU busy vs wall time."""
+def profile_table(function, rows: int = 15, sort_by: str = "self_device_time_total") -> str:
+    """The `rows` kernels and ops with the most GPU (or `sort_by`) time in one call of `function`, and GPU busy vs
+    wall time."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -66,7 +67,7 @@ def profile_table(function, rows: int = 15) -> str:
     wall = time.perf_counter() - start
     events = profiler.key_averages()
     gpu_us = sum(event.self_device_time_total for event in events)
-    table = events.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=60)
+    table = events.table(sort_by=sort_by, row_limit=rows, max_name_column_width=60)
     return f"wall {wall * 1e3:.1f} ms (profiled), GPU kernels {gpu_us / 1e3:.1f} ms\n{table}"
 
 
@@ -91,6 +92,31 @@ def measure_generate(generate, new_tokens: int, batch: int) -> dict:
         "warmup_s": first - steady,
         "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
     }
+
+
+def compare_with_eager(model, inputs: dict, new_tokens: int = 32) -> dict:
+    """Greedy tokens of graph decode vs eager decode; where they part, the eager top-2 logit margin at that step and
+    the largest logit difference before it (how close a tie the split was, against the size of bf16 noise)."""
+    settings = {
+        "max_new_tokens": new_tokens,
+        "do_sample": False,
+        "output_logits": True,
+        "return_dict_in_generate": True,
+    }
+    eager = model.generate(**inputs, cuda_graph_decode=False, **settings)
+    graphed = model.generate(**inputs, **settings)
+    prompt_length = inputs["input_ids"].shape[1]
+    equal = (eager.sequences[0, prompt_length:] == graphed.sequences[0, prompt_length:]).tolist()
+    first = equal.index(False) if False in equal else None
+    checked = new_tokens if first is None else first + 1
+    difference = max(
+        (a - b).abs().max().item() for a, b in zip(eager.logits[:checked], graphed.logits[:checked], strict=True)
+    )
+    result = {f"bf16_first_{new_tokens}_tokens_equal_eager": first is None, "bf16_max_logit_difference": difference}
+    if first is not None:
+        top2 = eager.logits[first][0].topk(2).values
+        result |= {"bf16_first_different_token": first, "bf16_eager_top2_margin_there": (top2[0] - top2[1]).item()}
+    return result
 
 
 def vlmamba_runner(model, inputs: dict, **kwargs):
@@ -144,9 +170,7 @@ def mamba_measurements(args: argparse.Namespace, generator: torch.Generator) -> 
     results = {"vlmamba": {}, "mamba_ssm": {}, "checks": {}}
 
     single = prompt(1, generator)
-    eager = model.generate(**single, max_new_tokens=32, do_sample=False, cuda_graph_decode=False)
-    graphed = model.generate(**single, max_new_tokens=32, do_sample=False)
-    results["checks"]["bf16_first_32_tokens_equal_eager"] = bool(torch.equal(eager, graphed))
+    results["checks"].update(compare_with_eager(model, single))
     eager_time, _ = timed(
         lambda: model.generate(**single, max_new_tokens=32, do_sample=False, cuda_graph_decode=False)
     )
@@ -166,7 +190,13 @@ def mamba_measurements(args: argparse.Namespace, generator: torch.Generator) -> 
         graph = model._decode_graphs[1].graph
         replay_s, _ = timed(lambda: [graph.replay() for _ in range(100)])
         results["checks"]["graph_replay_ms_batch1"] = replay_s * 10
+        replay_sync_s, _ = timed(lambda: [(graph.replay(), torch.cuda.synchronize()) for _ in range(100)])
+        results["checks"]["graph_replay_and_sync_ms_batch1"] = replay_sync_s * 10
         results["checks"]["generate_ms_per_token_batch1"] = 1e3 / results["vlmamba"][1]["decode_tokens_per_s"]
+        if args.profile:
+            decode_64 = vlmamba_runner(model, single)
+            table = profile_table(lambda: decode_64(64), rows=25, sort_by="self_cpu_time_total")
+            print("VL-Mamba generate, batch 1, 64 new tokens, by host time:", table, sep="\n")
     with torch.no_grad():
         prefill_s, _ = timed(lambda: model(**single, use_cache=True, logits_to_keep=1), repeats=5)
     results["checks"]["vlmamba_prefill_forward_s"] = prefill_s

@@ -331,13 +331,13 @@ class VLMambaModel(VLMambaPreTrainedModel):
         )
 
 
-def ssm_matrices(language_model: MambaModel) -> list[torch.Tensor]:
-    """Each layer's state matrix `A = -exp(A_log)` `(intermediate, state)` in fp32, as its mixer computes it."""
-    return [-torch.exp(layer.mixer.A_log.float()) for layer in language_model.layers]
+def ssm_matrices(language_model: MambaModel) -> torch.Tensor:
+    """Every layer's state matrix `A = -exp(A_log)`, as its mixer computes it: `(layers, intermediate, state)` fp32."""
+    return -torch.exp(torch.stack([layer.mixer.A_log for layer in language_model.layers]).float())
 
 
 def mamba_decode_step(
-    language_model: MambaModel, input_ids: torch.LongTensor, cache: Cache, ssm_A: list[torch.Tensor]
+    language_model: MambaModel, input_ids: torch.LongTensor, cache: Cache, ssm_A: torch.Tensor
 ) -> torch.Tensor:
     """One cached token through the Mamba LM: `(batch, 1)` ids -> `(batch, 1, hidden)` final hidden states.
 
@@ -365,7 +365,7 @@ def mamba_decode_step(
         y = mamba_selective_state_update(
             cache.get_recurrent_state(layer_idx, state_idx=0),
             x,
-            nn.functional.linear(time_step, mixer.dt_proj.weight),
+            nn.functional.linear(time_step, mixer.dt_proj.weight),  # its bias is added in fp32, as the mixer does
             A,
             B,
             C,
@@ -395,7 +395,7 @@ class DecodeGraph:
         self.cache.decode_graph = self
         self.input_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=model.device)
         self.weights = model.parameter_addresses()
-        self.ssm_A = [torch.empty_like(A) for A in ssm_matrices(model.model.language_model)]
+        self.ssm_A = torch.empty_like(ssm_matrices(model.model.language_model))
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
@@ -403,8 +403,7 @@ class DecodeGraph:
     def reset(self, model: "VLMambaForConditionalGeneration") -> None:
         """Empty the cache and recompute `A` (the weights may have changed in place since the last call)."""
         self.cache.reset()
-        for buffer, A in zip(self.ssm_A, ssm_matrices(model.model.language_model), strict=True):
-            buffer.copy_(A)
+        self.ssm_A.copy_(ssm_matrices(model.model.language_model))
 
     def step(self, model: "VLMambaForConditionalGeneration", input_ids: torch.LongTensor) -> torch.Tensor:
         """Logits `(batch, 1, vocab)` of the next token after `input_ids` `(batch, 1)`; the cache advances."""
@@ -523,9 +522,7 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
             image_hidden_states=outputs.image_hidden_states,
         )
 
-    def decode_logits(
-        self, input_ids: torch.LongTensor, cache_params: Cache, ssm_A: list[torch.Tensor]
-    ) -> torch.Tensor:
+    def decode_logits(self, input_ids: torch.LongTensor, cache_params: Cache, ssm_A: torch.Tensor) -> torch.Tensor:
         """One cached decode step (`mamba_decode_step`): `(batch, 1)` ids -> `(batch, 1, vocab)` fp32 logits."""
         hidden_states = mamba_decode_step(self.model.language_model, input_ids, cache_params, ssm_A)
         return self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).float()
