@@ -54,6 +54,13 @@ def timed(function, repeats: int = 1) -> tuple[float, object]:
     return statistics.median(times), result
 
 
+def kernel_ms(events) -> float:
+    """GPU time of the kernels among profiler `events` (the ops above them report the same time again)."""
+    from torch.autograd import DeviceType
+
+    return sum(event.self_device_time_total for event in events if event.device_type == DeviceType.CUDA) / 1e3
+
+
 def profile_table(function, rows: int = 15, sort_by: str = "self_device_time_total") -> str:
     """The `rows` kernels and ops with the most GPU (or `sort_by`) time in one call of `function`, and GPU busy vs
     wall time."""
@@ -66,9 +73,8 @@ def profile_table(function, rows: int = 15, sort_by: str = "self_device_time_tot
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
     events = profiler.key_averages()
-    gpu_us = sum(event.self_device_time_total for event in events)
     table = events.table(sort_by=sort_by, row_limit=rows, max_name_column_width=60)
-    return f"wall {wall * 1e3:.1f} ms (profiled), GPU kernels {gpu_us / 1e3:.1f} ms\n{table}"
+    return f"wall {wall * 1e3:.1f} ms (profiled), GPU kernels {kernel_ms(events):.1f} ms\n{table}"
 
 
 def prompt(batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -297,8 +303,7 @@ def train(args: argparse.Namespace) -> dict:
             if getattr(self, "profiler", None) is not None:
                 self.profiler.__exit__(None, None, None)
                 events = self.profiler.key_averages()
-                gpu_ms = sum(event.self_device_time_total for event in events) / 1e3
-                print(f"training step: wall {step_times[-1] * 1e3:.0f} ms, GPU kernels {gpu_ms:.0f} ms")
+                print(f"training step: wall {step_times[-1] * 1e3:.0f} ms, GPU kernels {kernel_ms(events):.0f} ms")
                 print(events.table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=60))
                 self.profiler = None
 
