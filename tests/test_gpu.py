@@ -1,7 +1,9 @@
 """GPU checks (run on the GPU machine with the `cuda` extra; skipped without CUDA):
 
 - the mamba_ssm kernels give the same VL-Mamba as the PyTorch path (forward, greedy generation, training step);
-- a raw mamba_ssm model converted by conversion.convert_mamba_ssm gives mamba_ssm's own logits.
+- a raw mamba_ssm model converted by conversion.convert_mamba_ssm gives mamba_ssm's own logits;
+- CUDA-graph decode gives the eager path's tokens and keeps the generate contract, and the fused residual add +
+  RMSNorm kernel of its decode step computes what transformers' MambaBlock does.
 """
 
 import os
