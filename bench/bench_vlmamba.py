@@ -101,12 +101,14 @@ def measure_generate(generate, new_tokens: int, batch: int) -> dict:
 
 
 def compare_with_eager(model, inputs: dict, new_tokens: int = 32) -> dict:
-    """Greedy tokens of graph decode vs eager decode; where they part, the eager top-2 logit margin at that step and
-    the largest logit difference before it (how close a tie the split was, against the size of bf16 noise)."""
+    """Greedy tokens of graph decode vs eager decode; where they part, the eager top-2 score margin at that step
+    (after the logits processors, as greedy picks) and the largest raw logit difference up to it (how close a tie the
+    split was, against the size of bf16 noise)."""
     settings = {
         "max_new_tokens": new_tokens,
         "do_sample": False,
         "output_logits": True,
+        "output_scores": True,
         "return_dict_in_generate": True,
     }
     eager = model.generate(**inputs, cuda_graph_decode=False, **settings)
@@ -120,7 +122,7 @@ def compare_with_eager(model, inputs: dict, new_tokens: int = 32) -> dict:
     )
     result = {f"bf16_first_{new_tokens}_tokens_equal_eager": first is None, "bf16_max_logit_difference": difference}
     if first is not None:
-        top2 = eager.logits[first][0].topk(2).values
+        top2 = eager.scores[first][0].topk(2).values
         result |= {"bf16_first_different_token": first, "bf16_eager_top2_margin_there": (top2[0] - top2[1]).item()}
     return result
 
@@ -299,11 +301,13 @@ def train(args: argparse.Namespace) -> dict:
 
         def on_step_end(self, *_, **__):
             torch.cuda.synchronize()
-            step_times.append(time.perf_counter() - self.start)
-            if getattr(self, "profiler", None) is not None:
+            elapsed = time.perf_counter() - self.start
+            if getattr(self, "profiler", None) is None:
+                step_times.append(elapsed)
+            else:  # the profiled step is slower: report it, keep it out of the timing
                 self.profiler.__exit__(None, None, None)
                 events = self.profiler.key_averages()
-                print(f"training step: wall {step_times[-1] * 1e3:.0f} ms, GPU kernels {kernel_ms(events):.0f} ms")
+                print(f"training step: wall {elapsed * 1e3:.0f} ms (profiled), GPU kernels {kernel_ms(events):.0f} ms")
                 print(events.table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=60))
                 self.profiler = None
 

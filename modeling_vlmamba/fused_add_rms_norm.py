@@ -2,8 +2,9 @@
 
 In PyTorch the add and `MambaRMSNorm` take about ten tiny kernels per layer, which dominate a graphed decode step
 of a 64-layer model at small batch sizes; the Triton kernel does both in one. It computes what transformers'
-`MambaBlock` computes: the sum in the residual's dtype, the norm input rounded to the weight's dtype, the normalised
-value rounded before the weight is applied. Only the order of the fp32 sum of squares differs.
+`MambaBlock` computes: the sum in the promoted dtype of its operands, the norm input rounded to the weight's dtype, the
+normalised value rounded before the weight is applied. The fp32 mean of squares and the reciprocal square root differ
+from PyTorch's by an ulp or so (summation order, approximate `rsqrt`).
 """
 
 import torch
@@ -62,19 +63,23 @@ if is_triton_available():
     ) -> tuple[torch.Tensor, torch.Tensor]:
         residual = residual.contiguous()
         rows, width = residual.shape
-        residual_out = torch.empty_like(residual)
+        total_dtype = (
+            residual.dtype if mixer_output is None else torch.promote_types(residual.dtype, mixer_output.dtype)
+        )
+        residual_out = torch.empty_like(residual, dtype=total_dtype)
         normed = torch.empty_like(residual, dtype=weight.dtype)
         block = triton.next_power_of_2(width)
-        _add_rms_norm_kernel[(rows,)](
-            residual,
-            residual if mixer_output is None else mixer_output.contiguous(),
-            weight,
-            residual_out,
-            normed,
-            width,
-            eps,
-            HAS_MIXER_OUTPUT=mixer_output is not None,
-            BLOCK=block,
-            num_warps=min(max(block // 256, 1), 8),
-        )
+        with torch.cuda.device(residual.device):  # Triton launches on the current device
+            _add_rms_norm_kernel[(rows,)](
+                residual,
+                residual if mixer_output is None else mixer_output.contiguous(),
+                weight,
+                residual_out,
+                normed,
+                width,
+                eps,
+                HAS_MIXER_OUTPUT=mixer_output is not None,
+                BLOCK=block,
+                num_warps=min(max(block // 256, 1), 8),
+            )
         return residual_out, normed

@@ -572,7 +572,8 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> dict:
         cache_params = kwargs.get("cache_params")
-        if not is_first_iteration and hasattr(cache_params, "decode_graph") and not kwargs.get("output_hidden_states"):
+        graph_step = hasattr(cache_params, "decode_graph") and not is_first_iteration
+        if graph_step and cache_params.has_previous_state() and not kwargs.get("output_hidden_states"):
             # A graph decode step reads only the new token and the cache (see `forward`); the generic preparation
             # below costs more host time than the replay takes to launch.
             return {"input_ids": input_ids[:, -1:], "cache_params": cache_params, "use_cache": True}

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from transformers.cache_utils import DynamicCache
 
 from modeling_vlmamba import VLMambaForConditionalGeneration
 from modeling_vlmamba.modeling_vlmamba import ssm_matrices
@@ -182,6 +183,23 @@ def test_graph_decode_step_equals_the_cached_forward(tokenizer, processor, resid
         for read in ("get_conv_state", "get_recurrent_state"):
             expected = getattr(prefill.cache_params, read)(layer_idx, state_idx=0)
             torch.testing.assert_close(getattr(states, read)(layer_idx, state_idx=0), expected, rtol=0, atol=ATOL)
+
+
+def test_graph_decode_steps_pass_only_the_new_token_once_the_cache_holds_a_state(model, processor):
+    """With a DecodeGraph's cache, steps after prefill skip generate's input preparation; before it, nothing is cut."""
+    inputs = chat_inputs(processor, ["What colour is the square?"])
+    cache = DynamicCache(config=model.config.text_config)
+    cache.decode_graph = object()  # what marks the cache of a DecodeGraph
+    settings = {"cache_params": cache, "use_cache": True, "is_first_iteration": False}
+    before = model.prepare_inputs_for_generation(**inputs, **settings)
+    assert torch.equal(before["input_ids"], inputs["input_ids"])  # e.g. an assistant model's first call
+    with torch.no_grad():
+        model(**inputs, cache_params=cache, use_cache=True)
+    after = model.prepare_inputs_for_generation(**inputs, **settings)
+    assert after.keys() == {"input_ids", "cache_params", "use_cache"}
+    assert torch.equal(after["input_ids"], inputs["input_ids"][:, -1:])
+    hidden = model.prepare_inputs_for_generation(**inputs, output_hidden_states=True, **settings)
+    assert hidden["output_hidden_states"]  # the graph step cannot return hidden states: the generic path runs
 
 
 def test_generate_strategies_text_only_and_several_images(model, processor, tokenizer):
