@@ -165,12 +165,15 @@ def test_decode_without_mask_equals_the_full_forward(model, processor):
     torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], rtol=0, atol=ATOL)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("residual_in_fp32", [True, False])
-def test_graph_decode_step_equals_the_cached_forward(tokenizer, processor, residual_in_fp32):
-    """`mamba_decode_step` (the step DecodeGraph captures) gives the cached forward's logits and states."""
+def test_graph_decode_step_equals_the_cached_forward(tokenizer, processor, residual_in_fp32, dtype):
+    """`mamba_decode_step` (the step DecodeGraph captures) gives the cached forward's logits and states: the same
+    roundings in bf16 too (the residual kept in fp32 or not, the norm input in the weight dtype)."""
     config = tiny_config(tokenizer, text={"residual_in_fp32": residual_in_fp32})
-    model = tiny_model(config)
+    model = tiny_model(config).to(dtype)
     batch = chat_inputs(processor, ["What colour is the square at the top left?", "How many?"])
+    batch["pixel_values"] = batch["pixel_values"].to(dtype)
     next_tokens = torch.tensor([[11], [12]])
     with torch.no_grad():
         prefill = model(**batch, use_cache=True)
