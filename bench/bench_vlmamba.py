@@ -54,11 +54,15 @@ def timed(function, repeats: int = 1) -> tuple[float, object]:
     return statistics.median(times), result
 
 
-def kernel_ms(events) -> float:
-    """GPU time of the kernels among profiler `events` (the ops above them report the same time again)."""
+def profile_report(profiler, wall: float, rows: int = 15, sort_by: str = "self_device_time_total") -> str:
+    """Wall time, the GPU time of the kernels (the ops above them report the same time again), and the `rows` ops and
+    kernels with the most `sort_by` time, from a finished `torch.profiler.profile`."""
     from torch.autograd import DeviceType
 
-    return sum(event.self_device_time_total for event in events if event.device_type == DeviceType.CUDA) / 1e3
+    events = profiler.key_averages()
+    kernel_ms = sum(event.self_device_time_total for event in events if event.device_type == DeviceType.CUDA) / 1e3
+    table = events.table(sort_by=sort_by, row_limit=rows, max_name_column_width=60)
+    return f"wall {wall * 1e3:.1f} ms (profiled), GPU kernels {kernel_ms:.1f} ms\n{table}"
 
 
 def profile_table(function, rows: int = 15, sort_by: str = "self_device_time_total") -> str:
@@ -71,10 +75,7 @@ def profile_table(function, rows: int = 15, sort_by: str = "self_device_time_tot
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
         function()
         torch.cuda.synchronize()
-    wall = time.perf_counter() - start
-    events = profiler.key_averages()
-    table = events.table(sort_by=sort_by, row_limit=rows, max_name_column_width=60)
-    return f"wall {wall * 1e3:.1f} ms (profiled), GPU kernels {kernel_ms(events):.1f} ms\n{table}"
+    return profile_report(profiler, time.perf_counter() - start, rows, sort_by)
 
 
 def prompt(batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -306,9 +307,7 @@ def train(args: argparse.Namespace) -> dict:
                 step_times.append(elapsed)
             else:  # the profiled step is slower: report it, keep it out of the timing
                 self.profiler.__exit__(None, None, None)
-                events = self.profiler.key_averages()
-                print(f"training step: wall {elapsed * 1e3:.0f} ms (profiled), GPU kernels {kernel_ms(events):.0f} ms")
-                print(events.table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=60))
+                print("training step:", profile_report(self.profiler, elapsed, rows=20), sep="\n")
                 self.profiler = None
 
     trainer.add_callback(Clock())

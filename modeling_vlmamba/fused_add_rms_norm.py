@@ -17,7 +17,8 @@ def add_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`residual + mixer_output` and its RMSNorm, both `(batch, hidden)`.
 
-    Returns the new residual (the residual's dtype) and the normalised hidden states (the norm weight's dtype).
+    Returns the new residual (the promoted dtype of the two) and the normalised hidden states (the norm weight's
+    dtype).
     `mixer_output=None` normalises `residual` alone (the first layer). `norm` is a `MambaRMSNorm`.
     """
     if residual.is_cuda and is_triton_available():

@@ -395,7 +395,7 @@ class DecodeGraph:
         self.cache.decode_graph = self
         self.input_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=model.device)
         self.weights = model.parameter_addresses()
-        self.ssm_A = torch.empty_like(ssm_matrices(model.model.language_model))
+        self.ssm_A = ssm_matrices(model.model.language_model)  # refreshed in place by `reset`
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
