@@ -21,7 +21,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from model_cards import read_card_data, write_card
 
-CODE_FILES = ("configuration_vlmamba.py", "fused_add_rms_norm.py", "modeling_vlmamba.py", "processing_vlmamba.py")
+CODE_FILES = ("configuration_vlmamba.py", "decode_kernels.py", "modeling_vlmamba.py", "processing_vlmamba.py")
 REQUIRED_FILES = (
     "config.json",
     "generation_config.json",

@@ -14,7 +14,7 @@ from tests.isolated_load import MAX_NEW_TOKENS, QUESTION, chat_inputs, conversat
 EXPECTED_FILES = {
     "config.json",
     "configuration_vlmamba.py",
-    "fused_add_rms_norm.py",
+    "decode_kernels.py",
     "modeling_vlmamba.py",
     "processing_vlmamba.py",
     "model.safetensors",

@@ -37,7 +37,7 @@ EXPECTED_UPLOAD = {
     "generation_config.json",
     "model.safetensors",
     "configuration_vlmamba.py",
-    "fused_add_rms_norm.py",
+    "decode_kernels.py",
     "modeling_vlmamba.py",
     "processing_vlmamba.py",
     "processor_config.json",
