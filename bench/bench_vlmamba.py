@@ -16,6 +16,7 @@ checkpointing, vision frozen) on synthetic 384x384 scenes: tokens/s and model FL
 
 import argparse
 import gc
+import itertools
 import json
 import statistics
 import sys
@@ -87,12 +88,17 @@ def prompt(batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids.cuda(), "pixel_values": pixel_values.cuda().to(torch.bfloat16)}
 
 
-def measure_generate(generate, new_tokens: int, batch: int) -> dict:
-    """First call (warm-up included), steady time, time to first token, decode tokens/s, peak memory."""
+def measure_generate(generate, new_tokens: int, batch: int, repeats: int = 5) -> dict:
+    """First call (warm-up included), then `repeats` interleaved calls of `new_tokens` and of one token: time to first
+    token is the median one-token call, decode tokens/s the difference of the medians (prefill time, bound by the
+    host, varies by tens of ms between calls, hence the medians), and peak memory."""
     torch.cuda.reset_peak_memory_stats()
     first, _ = timed(lambda: generate(new_tokens))
-    steady, _ = timed(lambda: generate(new_tokens), repeats=2)
-    ttft, _ = timed(lambda: generate(1), repeats=3)
+    steady, ttft = [], []
+    for _ in range(repeats):
+        steady.append(timed(lambda: generate(new_tokens))[0])
+        ttft.append(timed(lambda: generate(1))[0])
+    steady, ttft = statistics.median(steady), statistics.median(ttft)
     return {
         "decode_tokens_per_s": batch * (new_tokens - 1) / (steady - ttft),
         "ttft_s": ttft,
@@ -126,6 +132,26 @@ def compare_with_eager(model, inputs: dict, new_tokens: int = 32) -> dict:
         top2 = eager.scores[first][0].topk(2).values
         result |= {"bf16_first_different_token": first, "bf16_eager_top2_margin_there": (top2[0] - top2[1]).item()}
     return result
+
+
+def generate_step_ms(model, inputs: dict, new_tokens: int) -> float:
+    """Median time between two decode steps inside `generate` (no prefill in it), from a stopping criterion that
+    notes the time at each step and never stops."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StepClock(StoppingCriteria):
+        def __init__(self):
+            self.times, self.never = [], None
+
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+            self.times.append(time.perf_counter())
+            if self.never is None:
+                self.never = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            return self.never
+
+    clock = StepClock()
+    vlmamba_runner(model, inputs, stopping_criteria=StoppingCriteriaList([clock]))(new_tokens)
+    return 1e3 * statistics.median(later - earlier for earlier, later in itertools.pairwise(clock.times[1:]))
 
 
 def vlmamba_runner(model, inputs: dict, **kwargs):
@@ -202,6 +228,7 @@ def mamba_measurements(args: argparse.Namespace, generator: torch.Generator) -> 
         replay_sync_s, _ = timed(lambda: [(graph.replay(), torch.cuda.synchronize()) for _ in range(100)])
         results["checks"]["graph_replay_and_sync_ms_batch1"] = replay_sync_s * 10
         results["checks"]["generate_ms_per_token_batch1"] = 1e3 / results["vlmamba"][1]["decode_tokens_per_s"]
+        results["checks"]["generate_step_ms_batch1"] = generate_step_ms(model, single, args.new_tokens)
         if args.profile:
             decode_64 = vlmamba_runner(model, single)
             table = profile_table(lambda: decode_64(64), rows=25, sort_by="self_cpu_time_total")

@@ -4,8 +4,9 @@ A graphed decode step of a 64-layer Mamba at small batch sizes is bound by the n
 their work, so two Triton kernels replace the shortest ones of each layer:
 
 - `add_rms_norm`: the residual add and `MambaRMSNorm` (about ten PyTorch kernels) as one. It computes what
-  transformers' `MambaBlock` computes: the sum in the promoted dtype of its operands, the norm input rounded to the
-  weight's dtype, the normalised value rounded before the weight is applied.
+  transformers' `MambaBlock` (or the final `norm_f`) computes: the sum in the promoted dtype of its operands, the norm
+  input rounded to the weight's dtype (not for `norm_f`), the normalised value rounded to the norm input's dtype
+  before the weight is applied.
 - `selective_state_update`: the dt projection (a small matmul) fused into the one-token SSM recurrence. It computes
   what transformers' `MambaMixer` computes for a cached token: `dt_proj`'s matmul rounded to the activations' dtype,
   then its bias added, softplus and the state update in fp32, as mamba_ssm's `selective_state_update` does.
@@ -22,19 +23,20 @@ from transformers.utils.import_utils import is_triton_available
 
 
 def add_rms_norm(
-    residual: torch.Tensor, mixer_output: torch.Tensor | None, norm: nn.Module
+    residual: torch.Tensor, mixer_output: torch.Tensor | None, norm: nn.Module, block_norm: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`residual + mixer_output` and its RMSNorm, both `(batch, hidden)`.
 
-    Returns the new residual (the promoted dtype of the two) and the normalised hidden states (the norm weight's
-    dtype).
-    `mixer_output=None` normalises `residual` alone (the first layer). `norm` is a `MambaRMSNorm`.
+    Returns the new residual (the promoted dtype of the two) and the normalised hidden states. `block_norm=True`
+    normalises as a `MambaBlock` does (the sum cast to the norm weight's dtype first, the result in that dtype);
+    `block_norm=False` as `MambaModel`'s final `norm_f` does (the sum as it is, the result in the promoted dtype of it
+    and the weight). `mixer_output=None` normalises `residual` alone. `norm` is a `MambaRMSNorm`.
     """
     if residual.is_cuda and is_triton_available():
-        return _triton_add_rms_norm(residual, mixer_output, norm.weight, norm.variance_epsilon)
+        return _triton_add_rms_norm(residual, mixer_output, norm.weight, norm.variance_epsilon, block_norm)
     if mixer_output is not None:
         residual = residual + mixer_output
-    return residual, norm(residual.to(norm.weight.dtype))
+    return residual, norm(residual.to(norm.weight.dtype) if block_norm else residual)
 
 
 def selective_state_update(
@@ -75,6 +77,7 @@ if is_triton_available():
         width,
         eps,
         HAS_MIXER_OUTPUT: tl.constexpr,
+        BLOCK_NORM: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         row = tl.program_id(0)
@@ -87,13 +90,18 @@ if is_triton_available():
             total = (total.to(tl.float32) + mixer_output.to(tl.float32)).to(residual_out_ptr.dtype.element_ty)
         tl.store(residual_out_ptr + offsets, total, mask=inside)
         weight = tl.load(weight_ptr + columns, mask=inside, other=0.0)
-        x = total.to(weight.dtype).to(tl.float32)
+        norm_input = total.to(weight.dtype) if BLOCK_NORM else total
+        x = norm_input.to(tl.float32)
         inverse_rms = tl.rsqrt(tl.sum(x * x, axis=0) / width + eps)
-        normed = (x * inverse_rms).to(weight.dtype).to(tl.float32)
-        tl.store(normed_ptr + offsets, (weight.to(tl.float32) * normed).to(weight.dtype), mask=inside)
+        normed = (x * inverse_rms).to(norm_input.dtype).to(tl.float32)
+        tl.store(normed_ptr + offsets, (weight.to(tl.float32) * normed).to(normed_ptr.dtype.element_ty), mask=inside)
 
     def _triton_add_rms_norm(
-        residual: torch.Tensor, mixer_output: torch.Tensor | None, weight: torch.Tensor, eps: float
+        residual: torch.Tensor,
+        mixer_output: torch.Tensor | None,
+        weight: torch.Tensor,
+        eps: float,
+        block_norm: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         residual = residual.contiguous()
         rows, width = residual.shape
@@ -101,7 +109,8 @@ if is_triton_available():
             residual.dtype if mixer_output is None else torch.promote_types(residual.dtype, mixer_output.dtype)
         )
         residual_out = torch.empty_like(residual, dtype=total_dtype)
-        normed = torch.empty_like(residual, dtype=weight.dtype)
+        normed_dtype = weight.dtype if block_norm else torch.promote_types(weight.dtype, total_dtype)
+        normed = torch.empty_like(residual, dtype=normed_dtype)
         block = triton.next_power_of_2(width)
         with torch.cuda.device(residual.device):  # Triton launches on the current device
             _add_rms_norm_kernel[(rows,)](
@@ -113,6 +122,7 @@ if is_triton_available():
                 width,
                 eps,
                 HAS_MIXER_OUTPUT=mixer_output is not None,
+                BLOCK_NORM=block_norm,
                 BLOCK=block,
                 num_warps=min(max(block // 256, 1), 8),
             )

@@ -341,7 +341,7 @@ def mamba_decode_step(
     """One cached token through the Mamba LM: `(batch, 1)` ids -> `(batch, 1, hidden)` final hidden states.
 
     What `language_model(input_ids, cache_params=cache)` computes for one token, with fewer and cheaper kernels,
-    for a CUDA graph: each layer's residual add and RMSNorm are one kernel (`add_rms_norm`), so are its dt projection
+    for a CUDA graph: each residual add and RMSNorm is one kernel (`add_rms_norm`), so are a layer's dt projection
     and SSM state update (`selective_state_update`), `A` comes precomputed (`ssm_matrices`), and the other projections
     are single `(batch, features)` matmuls. The conv and SSM states in `cache` advance in place.
     """
@@ -365,7 +365,8 @@ def mamba_decode_step(
             mixer, cache.get_recurrent_state(layer_idx, state_idx=0), x, time_step, B, C, gate, A
         )
         mixer_output = mixer.out_proj(y)
-    return language_model.norm_f(residual + mixer_output)[:, None]
+    _, hidden_states = add_rms_norm(residual, mixer_output, language_model.norm_f, block_norm=False)
+    return hidden_states[:, None]
 
 
 class DecodeGraph:

@@ -185,7 +185,8 @@ def test_graph_decode_on_a_reloaded_model_with_a_one_token_prompt_and_replaced_w
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("residual_dtype", [torch.float32, None])
-def test_fused_add_rms_norm_computes_what_mamba_block_does(dtype, residual_dtype):
+@pytest.mark.parametrize("block_norm", [True, False])
+def test_fused_add_rms_norm_computes_what_mamba_does(dtype, residual_dtype, block_norm):
     pytest.importorskip("triton")
     from transformers.models.mamba.modeling_mamba import MambaRMSNorm
 
@@ -198,18 +199,19 @@ def test_fused_add_rms_norm_computes_what_mamba_block_does(dtype, residual_dtype
     residual = torch.randn(64, 2560, device="cuda", dtype=residual_dtype or dtype)
     mixer_output = torch.randn(64, 2560, device="cuda", dtype=dtype)
     for added in (None, mixer_output):
-        fused_residual, fused = add_rms_norm(residual, added, norm)
+        fused_residual, fused = add_rms_norm(residual, added, norm, block_norm=block_norm)
         expected_residual = residual if added is None else residual + added
-        expected = norm(expected_residual.to(dtype))  # MambaBlock's norm input is cast to the weight dtype
+        # MambaBlock casts its norm input to the weight dtype; MambaModel's norm_f takes the residual as it is
+        expected = norm(expected_residual.to(dtype) if block_norm else expected_residual)
         assert fused_residual.dtype == expected_residual.dtype and fused.dtype == expected.dtype
         assert torch.equal(fused_residual, expected_residual)
         # The only difference allowed is in the fp32 mean of squares and rsqrt: a few fp32 ulps, which bf16 rounding
         # absorbs in all but a few values.
-        eps = torch.finfo(dtype).eps
+        eps = torch.finfo(fused.dtype).eps
         torch.testing.assert_close(fused.float(), expected.float(), rtol=4 * eps, atol=eps)
         unequal = (fused != expected).float().mean().item()
-        print(f"\n{dtype} residual {expected_residual.dtype}: fused norm differs in {unequal:.2%} of the values")
-        if dtype == torch.bfloat16:
+        print(f"\n{dtype} residual {expected_residual.dtype} block_norm={block_norm}: differs in {unequal:.2%}")
+        if fused.dtype == torch.bfloat16:
             assert unequal < 0.01
 
 
