@@ -16,13 +16,14 @@ from transformers.models.mamba.modeling_mamba import (
     MambaMixer,
     MambaModel,
     causal_conv1d_update,
+    mamba_selective_state_update,
 )
 from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.import_utils import torch_compilable_check
 
 from .configuration_vlmamba import VLMambaConfig
-from .decode_kernels import add_rms_norm, selective_state_update
+from .decode_kernels import add_rms_norm
 
 IGNORE_INDEX = -100
 # CUDA graphs kept for decoding (one per batch size); the oldest is dropped beyond this.
@@ -341,9 +342,9 @@ def mamba_decode_step(
     """One cached token through the Mamba LM: `(batch, 1)` ids -> `(batch, 1, hidden)` final hidden states.
 
     What `language_model(input_ids, cache_params=cache)` computes for one token, with fewer and cheaper kernels,
-    for a CUDA graph: each residual add and RMSNorm is one kernel (`add_rms_norm`), so are a layer's dt projection
-    and SSM state update (`selective_state_update`), `A` comes precomputed (`ssm_matrices`), and the other projections
-    are single `(batch, features)` matmuls. The conv and SSM states in `cache` advance in place.
+    for a CUDA graph: each residual add and RMSNorm is one kernel (`add_rms_norm`), `A` comes precomputed
+    (`ssm_matrices`), and every projection is a single `(batch, features)` matmul. The conv and SSM states in `cache`
+    advance in place through the same kernels (or PyTorch fallbacks) as the mixer's.
     """
     embeds = language_model.embeddings(input_ids[:, 0])
     residual, mixer_output = embeds.float() if language_model.config.residual_in_fp32 else embeds, None
@@ -361,8 +362,17 @@ def mamba_decode_step(
         time_step, B, C = torch.split(
             mixer.x_proj(x), [mixer.time_step_rank, mixer.ssm_state_size, mixer.ssm_state_size], dim=-1
         )
-        y = selective_state_update(
-            mixer, cache.get_recurrent_state(layer_idx, state_idx=0), x, time_step, B, C, gate, A
+        y = mamba_selective_state_update(
+            cache.get_recurrent_state(layer_idx, state_idx=0),
+            x,
+            nn.functional.linear(time_step, mixer.dt_proj.weight),  # its bias is added in fp32, as the mixer does
+            A,
+            B,
+            C,
+            mixer.D,
+            z=gate,
+            dt_bias=mixer.dt_proj.bias,
+            dt_softplus=True,
         )
         mixer_output = mixer.out_proj(y)
     _, hidden_states = add_rms_norm(residual, mixer_output, language_model.norm_f, block_norm=False)
