@@ -15,6 +15,7 @@ checkpointing, vision frozen) on synthetic 384x384 scenes: tokens/s and model FL
 """
 
 import argparse
+import contextlib
 import gc
 import itertools
 import json
@@ -154,6 +155,27 @@ def generate_step_ms(model, inputs: dict, new_tokens: int) -> float:
     return 1e3 * statistics.median(later - earlier for earlier, later in itertools.pairwise(clock.times[1:]))
 
 
+@contextlib.contextmanager
+def deferred_stop_check_on_cuda():
+    """An experiment on transformers, not part of the model: `generate` (5.23) asks the GPU after every token whether
+    all sequences are done, so the host waits for the GPU before it can launch the next step. Its `DeferredStopCheck`
+    reads that answer one step late instead, but is enabled on MPS only; this enables it on CUDA for the duration, to
+    measure what that upstream change would give."""
+    from transformers.generation import utils
+
+    original = utils.DeferredStopCheck.is_supported
+
+    def on_cuda_too(device: torch.device, cache, cache_is_returned: bool, is_assistant: bool) -> bool:
+        device = torch.device("mps") if device.type == "cuda" else device
+        return original(device, cache, cache_is_returned, is_assistant)
+
+    utils.DeferredStopCheck.is_supported = staticmethod(on_cuda_too)
+    try:
+        yield
+    finally:
+        utils.DeferredStopCheck.is_supported = staticmethod(original)
+
+
 def vlmamba_runner(model, inputs: dict, **kwargs):
     def generate(new_tokens: int):
         return model.generate(
@@ -194,6 +216,15 @@ def decode(args: argparse.Namespace) -> dict:
     gc.collect()
     torch.cuda.empty_cache()
     results["transformer"] = {} if args.skip_transformer else transformer_measurements(args, generator)
+    results["decode_speed_ratios"] = {
+        f"{ours} / {baseline}": {
+            batch: results[ours][batch]["decode_tokens_per_s"] / results[baseline][batch]["decode_tokens_per_s"]
+            for batch in args.batch_sizes
+            if batch in results[baseline]
+        }
+        for ours in ("vlmamba", "vlmamba_deferred_stop_check")
+        for baseline in ("mamba_ssm", "transformer")
+    }
     return results
 
 
@@ -202,7 +233,7 @@ def mamba_measurements(args: argparse.Namespace, generator: torch.Generator) -> 
     with torch.device("cuda"):
         model = VLMambaForConditionalGeneration(paper_config()).to(torch.bfloat16).eval()
     model.generation_config.eos_token_id = None  # random weights: run every step
-    results = {"vlmamba": {}, "mamba_ssm": {}, "checks": {}}
+    results = {"vlmamba": {}, "vlmamba_deferred_stop_check": {}, "mamba_ssm": {}, "checks": {}}
 
     single = prompt(1, generator)
     results["checks"].update(compare_with_eager(model, single))
@@ -220,6 +251,14 @@ def mamba_measurements(args: argparse.Namespace, generator: torch.Generator) -> 
         inputs = prompt(batch, generator)
         results["vlmamba"][batch] = measure_generate(vlmamba_runner(model, inputs), args.new_tokens, batch)
         print(f"VL-Mamba batch {batch}: {results['vlmamba'][batch]}", flush=True)
+    stock_tokens = vlmamba_runner(model, single)(32)
+    with deferred_stop_check_on_cuda():
+        equal = torch.equal(vlmamba_runner(model, single)(32), stock_tokens)
+        results["checks"]["deferred_stop_check_gives_the_same_32_tokens"] = equal
+        for batch in args.batch_sizes:
+            runner = vlmamba_runner(model, prompt(batch, generator))
+            results["vlmamba_deferred_stop_check"][batch] = measure_generate(runner, args.new_tokens, batch)
+            print(f"VL-Mamba, deferred stop check, batch {batch}: {results['vlmamba_deferred_stop_check'][batch]}")
 
     if 1 in results["vlmamba"]:  # where a token's time goes: the decode step's GPU time vs the generate loop
         graph = model._decode_graphs[1].graph
