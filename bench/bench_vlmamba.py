@@ -5,9 +5,11 @@
 
 `decode`: (a) VL-Mamba (SigLIP-SO400M-shape tower, `vss_l2` + bidirectional connector, Mamba-2.8B-shape LLM,
 random weights, bf16) answering one 384x384 image and a short question (800 prompt tokens), greedy, through
-`generate` with CUDA-graph decode; (b) mamba_ssm's `MambaLMHeadModel.generate(cg=True)` with the same LLM weights
-and prompt length; (c) a same-size transformer (Phi-2 shape) in transformers with a static cache (auto-compiled).
-Prints decode tokens/s, time to first token, first-call warm-up and peak memory, with ratios to (b) and (c).
+`generate` with CUDA-graph decode, and again with transformers' `DeferredStopCheck` enabled on CUDA (an experiment
+on transformers: see `deferred_stop_check_on_cuda`); (b) mamba_ssm's `MambaLMHeadModel.generate(cg=True)` with the
+same LLM weights and prompt length; (c) a same-size transformer (Phi-2 shape) in transformers with a static cache
+(auto-compiled). Prints decode tokens/s, time to first token, first-call warm-up and peak memory, with ratios to (b)
+and (c).
 
 `train`: stage-2 training steps of the same model through `training.sft` (TRL SFTTrainer, bf16 autocast, gradient
 checkpointing, vision frozen) on synthetic 384x384 scenes: tokens/s and model FLOPs utilisation
@@ -258,7 +260,8 @@ def mamba_measurements(args: argparse.Namespace, generator: torch.Generator) -> 
         for batch in args.batch_sizes:
             runner = vlmamba_runner(model, prompt(batch, generator))
             results["vlmamba_deferred_stop_check"][batch] = measure_generate(runner, args.new_tokens, batch)
-            print(f"VL-Mamba, deferred stop check, batch {batch}: {results['vlmamba_deferred_stop_check'][batch]}")
+            measured = results["vlmamba_deferred_stop_check"][batch]
+            print(f"VL-Mamba, deferred stop check, batch {batch}: {measured}", flush=True)
 
     if 1 in results["vlmamba"]:  # where a token's time goes: the decode step's GPU time vs the generate loop
         graph = model._decode_graphs[1].graph
