@@ -1,4 +1,4 @@
-"""Fused kernels of the CUDA-graph decode step (`mamba_decode_step`), with PyTorch fallbacks.
+"""The fused kernel of the CUDA-graph decode step (`mamba_decode_step`), with its PyTorch fallback.
 
 A graphed decode step of a 64-layer Mamba at small batch sizes is bound by the number of kernels it runs, not by
 their work. `add_rms_norm` does a residual add and `MambaRMSNorm` (about ten PyTorch kernels) in one Triton kernel,
