@@ -386,7 +386,8 @@ class DecodeGraph:
     is bound by kernel launches instead (16 tokens/s for Mamba-2.8B on an H100). The captured step is
     `mamba_decode_step`. `generate` calls `reset` and prefills into `cache`; each decode step then copies the new
     token ids in and replays. The graph is captured at the first decode step and reused by later `generate` calls
-    with the same batch size, as long as the parameters stay where they were (`weights` records their addresses).
+    with the same batch size, as long as what the capture baked in stays the same (`key`: where the parameters live,
+    and the state of any PEFT adapters).
     One graph serves one `generate` call at a time: not thread-safe, and the `cache_params` a call returns is reset
     by the next call of that batch size.
     """
@@ -395,7 +396,7 @@ class DecodeGraph:
         self.cache = DynamicCache(config=model.config.text_config)
         self.cache.decode_graph = self
         self.input_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=model.device)
-        self.weights = model.parameter_addresses()
+        self.key = model.decode_graph_key()
         self.ssm_A = ssm_matrices(model.model.language_model)  # refreshed in place by `reset`
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
@@ -553,16 +554,28 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
             )
         batch_size *= generation_config.num_return_sequences
         graph = self._decode_graphs.get(batch_size)
-        if graph is None or graph.weights != self.parameter_addresses():  # new batch size, or moved/replaced weights
+        if graph is None or graph.key != self.decode_graph_key():  # new batch size, weights or adapter state
             if graph is None and len(self._decode_graphs) >= MAX_DECODE_GRAPHS:
                 self._decode_graphs.pop(next(iter(self._decode_graphs)))  # the oldest batch size
             graph = self._decode_graphs[batch_size] = DecodeGraph(self, batch_size)
         graph.reset(self)
         model_kwargs["cache_params"] = graph.cache
 
-    def parameter_addresses(self) -> tuple[int, ...]:
-        """Where the decode step's parameters live: a captured graph is valid only while these stay the same."""
-        return tuple(param.data_ptr() for param in self.parameters())
+    def decode_graph_key(self) -> tuple:
+        """What a captured decode graph depends on besides its inputs, which must stay the same for a replay: where the
+        parameters live (their values may change in place), and the state of any PEFT adapter layer (enabled, active,
+        merged, LoRA scaling), on which the captured Python branches and constants depend."""
+        adapters = tuple(
+            (
+                module.disable_adapters,
+                tuple(module.active_adapters),
+                tuple(module.merged_adapters),
+                tuple(sorted(getattr(module, "scaling", {}).items())),
+            )
+            for module in self.modules()
+            if hasattr(module, "merged_adapters")  # a PEFT tuner layer (peft itself is not needed here)
+        )
+        return tuple(param.data_ptr() for param in self.parameters()), adapters
 
     def prepare_inputs_for_generation(
         self,

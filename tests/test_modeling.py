@@ -6,7 +6,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from modeling_vlmamba import VLMambaForConditionalGeneration
-from modeling_vlmamba.modeling_vlmamba import ssm_matrices
+from modeling_vlmamba.modeling_vlmamba import DecodeGraph, ssm_matrices
 from tests.conftest import make_image, user_turn
 from training.tiny import TINY_CLIP, TINY_SIGLIP, tiny_config, tiny_model, tiny_processor
 
@@ -203,6 +203,32 @@ def test_graph_decode_steps_pass_only_the_new_token_once_the_cache_holds_a_state
     assert torch.equal(after["input_ids"], inputs["input_ids"][:, -1:])
     hidden = model.prepare_inputs_for_generation(**inputs, output_hidden_states=True, **settings)
     assert hidden["output_hidden_states"]  # the graph step cannot return hidden states: the generic path runs
+
+
+def test_decode_graph_key_follows_the_peft_adapter_state(tokenizer):
+    """A captured decode step bakes in the adapters' Python branches and LoRA scaling, so enabling, disabling,
+    merging, switching or rescaling adapters changes the key on which `generate` decides to capture again."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = r".*language_model.*\.in_proj"
+    peft_model = get_peft_model(tiny_model(tiny_config(tokenizer)), LoraConfig(r=4, target_modules=targets))
+    model = peft_model.base_model.model
+    key = model.decode_graph_key()
+    assert DecodeGraph(model, batch_size=1).key == key == model.decode_graph_key()  # no change, no new capture
+    with peft_model.disable_adapter():
+        assert model.decode_graph_key() != key
+    assert model.decode_graph_key() == key
+    peft_model.merge_adapter()
+    assert model.decode_graph_key() != key
+    peft_model.unmerge_adapter()
+    assert model.decode_graph_key() == key
+    for layer in (module for module in model.modules() if hasattr(module, "scale_layer")):
+        layer.scale_layer(0.5)
+    assert model.decode_graph_key() != key
+    peft_model.add_adapter("second", LoraConfig(r=2, target_modules=targets))
+    with_second = model.decode_graph_key()
+    peft_model.set_adapter("second")
+    assert model.decode_graph_key() != with_second
 
 
 def test_generate_strategies_text_only_and_several_images(model, processor, tokenizer):
