@@ -211,7 +211,8 @@ def test_decode_graph_key_follows_the_peft_adapter_state(tokenizer):
     from peft import LoraConfig, get_peft_model
 
     targets = r".*language_model.*\.in_proj"
-    peft_model = get_peft_model(tiny_model(tiny_config(tokenizer)), LoraConfig(r=4, target_modules=targets))
+    config = LoraConfig(r=4, target_modules=targets, modules_to_save=["multi_modal_projector"])  # as training.sft
+    peft_model = get_peft_model(tiny_model(tiny_config(tokenizer)), config)
     model = peft_model.base_model.model
     key = model.decode_graph_key()
     assert DecodeGraph(model, batch_size=1).key == key == model.decode_graph_key()  # no change, no new capture
