@@ -392,11 +392,11 @@ class DecodeGraph:
     by the next call of that batch size.
     """
 
-    def __init__(self, model: "VLMambaForConditionalGeneration", batch_size: int):
+    def __init__(self, model: "VLMambaForConditionalGeneration", batch_size: int, key: tuple):
         self.cache = DynamicCache(config=model.config.text_config)
         self.cache.decode_graph = self
         self.input_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=model.device)
-        self.key = model.decode_graph_key()
+        self.key = key  # `model.decode_graph_key()` at creation
         self.ssm_A = ssm_matrices(model.model.language_model)  # refreshed in place by `reset`
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
@@ -553,11 +553,11 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
                 generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
             )
         batch_size *= generation_config.num_return_sequences
-        graph = self._decode_graphs.get(batch_size)
-        if graph is None or graph.key != self.decode_graph_key():  # new batch size, weights or adapter state
+        graph, key = self._decode_graphs.get(batch_size), self.decode_graph_key()
+        if graph is None or graph.key != key:  # new batch size, weights or adapter state
             if graph is None and len(self._decode_graphs) >= MAX_DECODE_GRAPHS:
                 self._decode_graphs.pop(next(iter(self._decode_graphs)))  # the oldest batch size
-            graph = self._decode_graphs[batch_size] = DecodeGraph(self, batch_size)
+            graph = self._decode_graphs[batch_size] = DecodeGraph(self, batch_size, key)
         graph.reset(self)
         model_kwargs["cache_params"] = graph.cache
 
