@@ -5,11 +5,10 @@
 
 `decode`: (a) VL-Mamba (SigLIP-SO400M-shape tower, `vss_l2` + bidirectional connector, Mamba-2.8B-shape LLM,
 random weights, bf16) answering one 384x384 image and a short question (800 prompt tokens), greedy, through
-`generate` with CUDA-graph decode, and again with transformers' `DeferredStopCheck` enabled on CUDA (an experiment
-on transformers: see `deferred_stop_check_on_cuda`); (b) mamba_ssm's `MambaLMHeadModel.generate(cg=True)` with the
-same LLM weights and prompt length; (c) a same-size transformer (Phi-2 shape) in transformers with a static cache
-(auto-compiled). Prints decode tokens/s, time to first token, first-call warm-up and peak memory, with ratios to (b)
-and (c).
+`generate` with CUDA-graph decode, and again without decoding ahead (an ablation: see `without_decode_ahead`);
+(b) mamba_ssm's `MambaLMHeadModel.generate(cg=True)` with the same LLM weights and prompt length; (c) a same-size
+transformer (Phi-2 shape) in transformers with a static cache (auto-compiled). Prints decode tokens/s, time to first
+token, first-call warm-up and peak memory, with ratios to (b) and (c).
 
 `train`: stage-2 training steps of the same model through `training.sft` (TRL SFTTrainer, bf16 autocast, gradient
 checkpointing, vision frozen) on synthetic 384x384 scenes: tokens/s and model FLOPs utilisation
@@ -18,6 +17,7 @@ checkpointing, vision frozen) on synthetic 384x384 scenes: tokens/s and model FL
 
 import argparse
 import contextlib
+import functools
 import gc
 import itertools
 import json
@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import GenerationMixin
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -160,24 +161,14 @@ def generate_step_ms(model, inputs: dict, new_tokens: int) -> float:
 
 
 @contextlib.contextmanager
-def deferred_stop_check_on_cuda():
-    """An experiment on transformers, not part of the model: `generate` (5.23) asks the GPU after every token whether
-    all sequences are done, so the host waits for the GPU before it can launch the next step. Its `DeferredStopCheck`
-    reads that answer one step late instead, but is enabled on MPS only; this enables it on CUDA for the duration, to
-    measure what that upstream change would give."""
-    from transformers.generation import utils
-
-    original = utils.DeferredStopCheck.__dict__["is_supported"]
-
-    def on_cuda_too(device: torch.device, cache, cache_is_returned: bool, is_assistant: bool) -> bool:
-        device = torch.device("mps") if device.type == "cuda" else device
-        return original.__func__(device, cache, cache_is_returned, is_assistant)
-
-    utils.DeferredStopCheck.is_supported = staticmethod(on_cuda_too)
+def without_decode_ahead(model: VLMambaForConditionalGeneration):
+    """An ablation: `generate` without `DecodeAhead` among its stopping criteria, so that each decode step is launched
+    only after generate's loop has waited for the GPU (this model instance only, for the duration)."""
+    model._get_stopping_criteria = functools.partial(GenerationMixin._get_stopping_criteria, model)
     try:
         yield
     finally:
-        utils.DeferredStopCheck.is_supported = original
+        del model._get_stopping_criteria
 
 
 def vlmamba_runner(model, inputs: dict, **kwargs):
@@ -226,7 +217,7 @@ def decode(args: argparse.Namespace) -> dict:
             for batch in args.batch_sizes
             if batch in results[baseline]
         }
-        for ours in ("vlmamba", "vlmamba_deferred_stop_check")
+        for ours in ("vlmamba", "vlmamba_no_decode_ahead")
         for baseline in ("mamba_ssm", "transformer")
     }
     return results
@@ -238,7 +229,7 @@ def mamba_measurements(args: argparse.Namespace, generator: torch.Generator) -> 
     with torch.device("cuda"):
         model = VLMambaForConditionalGeneration(paper_config()).to(torch.bfloat16).eval()
     model.generation_config.eos_token_id = None  # random weights: run every step
-    results = {"vlmamba": {}, "vlmamba_deferred_stop_check": {}, "mamba_ssm": {}, "checks": {}}
+    results = {"vlmamba": {}, "vlmamba_no_decode_ahead": {}, "mamba_ssm": {}, "checks": {}}
 
     single = prompt(1, generator)
     results["checks"].update(compare_with_eager(model, single))
@@ -270,15 +261,15 @@ def mamba_measurements(args: argparse.Namespace, generator: torch.Generator) -> 
             decode_64 = vlmamba_runner(model, single)
             table = profile_table(lambda: decode_64(64), rows=25, sort_by="self_cpu_time_total")
             print("VL-Mamba generate, batch 1, 64 new tokens, by host time:", table, sep="\n")
-    with deferred_stop_check_on_cuda():
+    with without_decode_ahead(model):
         equal = torch.equal(vlmamba_runner(model, single)(32), stock_tokens)
-        results["checks"]["deferred_stop_check_gives_the_same_32_tokens"] = equal
+        results["checks"]["no_decode_ahead_gives_the_same_32_tokens"] = equal
         for batch in args.batch_sizes:
             runner = vlmamba_runner(model, prompt(batch, generator))
             model._decode_graphs.clear()
-            results["vlmamba_deferred_stop_check"][batch] = measure_generate(runner, args.new_tokens, batch)
-            measured = results["vlmamba_deferred_stop_check"][batch]
-            print(f"VL-Mamba, deferred stop check, batch {batch}: {measured}", flush=True)
+            results["vlmamba_no_decode_ahead"][batch] = measure_generate(runner, args.new_tokens, batch)
+            measured = results["vlmamba_no_decode_ahead"][batch]
+            print(f"VL-Mamba, no decode-ahead, batch {batch}: {measured}", flush=True)
 
     with torch.no_grad():
         prefill_s, _ = timed(lambda: model(**single, use_cache=True, logits_to_keep=1), repeats=5)

@@ -1,5 +1,6 @@
 """PyTorch VL-Mamba: vision encoder -> multimodal connector (MLP or vision selective scan) -> Mamba language model."""
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -10,6 +11,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation.configuration_utils import GenerationConfig, GenerationMode
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.mamba.modeling_mamba import (
@@ -388,6 +390,13 @@ class DecodeGraph:
     token ids in and replays. The graph is captured at the first decode step and reused by later `generate` calls
     with the same batch size, as long as what the capture baked in stays the same (`key`: where the parameters live,
     and the state of any PEFT adapters).
+
+    Decoding ahead: `generate` waits for the GPU after every token to ask whether to stop, and a step launched only
+    after that wait leaves the GPU idle meanwhile. So, once `generate` has chosen a token, `launch_ahead` already
+    replays the step of that token on a stream of its own (the token stays on the GPU); the host's wait covers the
+    current stream only, and the next `step` takes the logits the replay left. When generation then stops, that
+    replay was for nothing and the states have advanced past the returned tokens: decoding ahead is only used where
+    the cache is not handed back to the caller, and `join` orders later work after it.
     One graph serves one `generate` call at a time: not thread-safe, and the `cache_params` a call returns is reset
     by the next call of that batch size.
     """
@@ -400,21 +409,53 @@ class DecodeGraph:
         self.ssm_A = ssm_matrices(model.model.language_model)  # refreshed in place by `reset`
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
+        self.ahead_stream = torch.cuda.Stream(model.device)
+        self.ahead_enabled = False  # set per `generate` call by `reset`
+        self.ahead_token: torch.Tensor | None = None  # the `input_ids[:, -1:]` whose step was launched ahead
+        self.not_done = torch.zeros(batch_size, dtype=torch.bool, device=model.device)  # `DecodeAhead`'s answer
 
     @torch.no_grad()
-    def reset(self, model: "VLMambaForConditionalGeneration") -> None:
+    def reset(self, model: "VLMambaForConditionalGeneration", decode_ahead: bool) -> None:
         """Empty the cache and recompute `A` (the weights may have changed in place since the last call)."""
+        self.join()
         self.cache.reset()
         self.ssm_A.copy_(ssm_matrices(model.model.language_model))
+        self.ahead_enabled = decode_ahead
 
     def step(self, model: "VLMambaForConditionalGeneration", input_ids: torch.LongTensor) -> torch.Tensor:
         """Logits `(batch, 1, vocab)` of the next token after `input_ids` `(batch, 1)`; the cache advances."""
         with torch.cuda.device(self.input_ids.device):
+            if self.ahead_token is not None:
+                ahead, self.ahead_token = self.ahead_token, None
+                if not same_tensor(ahead, input_ids):
+                    raise RuntimeError(
+                        "The decode graph already ran the step of the token generate chose, but was then given other "
+                        "input_ids. Decoding ahead expects generate's own loop: pass cuda_graph_decode=False to "
+                        "generate when its input_ids are changed between steps."
+                    )
+                torch.cuda.current_stream().wait_stream(self.ahead_stream)
+                return self.logits
             self.input_ids.copy_(input_ids)
             if self.graph is None:
                 self._capture(model)
             self.graph.replay()
         return self.logits
+
+    def launch_ahead(self, input_ids: torch.LongTensor) -> None:
+        """Replay the step of the newest token, `input_ids[:, -1:]`, now, on `ahead_stream` (see the class)."""
+        if not self.ahead_enabled or self.graph is None or self.ahead_token is not None:
+            return
+        with torch.cuda.device(self.input_ids.device):
+            self.input_ids.copy_(input_ids[:, -1:])  # on the current stream, after the ops that chose the token
+            self.ahead_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.ahead_stream):
+                self.graph.replay()
+        self.ahead_token = input_ids[:, -1:]  # holding it keeps its memory from being reused
+
+    def join(self) -> None:
+        """Order the current stream's later work after any replay launched ahead (which may still be running)."""
+        torch.cuda.current_stream(self.input_ids.device).wait_stream(self.ahead_stream)
+        self.ahead_token = None
 
     def _capture(self, model: "VLMambaForConditionalGeneration") -> None:
         states = [(layer.conv_states[0].clone(), layer.recurrent_states[0].clone()) for layer in self.cache.layers]
@@ -430,6 +471,28 @@ class DecodeGraph:
         for layer, (conv, recurrent) in zip(self.cache.layers, states, strict=True):  # undo the warm-up steps
             layer.conv_states[0].copy_(conv)
             layer.recurrent_states[0].copy_(recurrent)
+
+
+def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether `a` and `b` view the same memory the same way, unmodified in place since (a host-side check)."""
+    return (a.data_ptr(), a.shape, a.stride(), a._version) == (b.data_ptr(), b.shape, b.stride(), b._version)
+
+
+class DecodeAhead(StoppingCriteria):
+    """Launches `DecodeGraph`'s next step ahead; never stops a sequence itself.
+
+    `generate` calls its stopping criteria right after it has chosen each token and before it waits for the GPU to
+    learn whether to stop: the one point of its loop where the next step can be launched early (see `DecodeGraph`).
+    No step is launched once `max_length` is reached, where generation stops for certain.
+    """
+
+    def __init__(self, graph: DecodeGraph, max_length: int | None):
+        self.graph, self.max_length = graph, max_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        if self.max_length is None or input_ids.shape[1] < self.max_length:
+            self.graph.launch_ahead(input_ids)
+        return self.graph.not_done
 
 
 class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
@@ -449,6 +512,7 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
         # Saved as a customised generation config, so that the switch above is kept when the model is reloaded.
         self.generation_config._from_model_config = False
         self._decode_graphs: dict[int, DecodeGraph] = {}
+        self._decode_graph_in_use: DecodeGraph | None = None  # of the `generate` call under way
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
@@ -529,6 +593,15 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
         hidden_states = mamba_decode_step(self.model.language_model, input_ids, cache_params, ssm_A)
         return self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).float()
 
+    @functools.wraps(GenerationMixin.generate)
+    def generate(self, *args, **kwargs):
+        try:
+            return super().generate(*args, **kwargs)
+        finally:  # a step decoded ahead may still run: later work on the current stream must come after it
+            for graph in self._decode_graphs.values():
+                graph.join()
+            self._decode_graph_in_use = None
+
     def _prepare_cache_for_generation(
         self,
         generation_config: GenerationConfig,
@@ -548,6 +621,7 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
             and model_kwargs.get("cache_params") is None
             and generation_mode in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
         )
+        self._decode_graph_in_use = None
         if not use_graph:
             return super()._prepare_cache_for_generation(
                 generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
@@ -556,10 +630,30 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
         graph, key = self._decode_graphs.get(batch_size), self.decode_graph_key()
         if graph is None or graph.key != key:  # new batch size, weights or adapter state
             if graph is None and len(self._decode_graphs) >= MAX_DECODE_GRAPHS:
-                self._decode_graphs.pop(next(iter(self._decode_graphs)))  # the oldest batch size
+                self._decode_graphs.pop(next(iter(self._decode_graphs))).join()  # the oldest batch size
+            elif graph is not None:
+                graph.join()
             graph = self._decode_graphs[batch_size] = DecodeGraph(self, batch_size, key)
-        graph.reset(self)
+        # Decoding ahead leaves the states a step past the last token: not where the caller gets the cache back,
+        # or asks for per-step outputs that the graph step does not give.
+        returns_cache = generation_config.return_dict_in_generate
+        per_step_outputs = generation_config.output_hidden_states or generation_config.output_attentions
+        graph.reset(self, decode_ahead=not (returns_cache or per_step_outputs))
+        self._decode_graph_in_use = graph
         model_kwargs["cache_params"] = graph.cache
+
+    def _get_stopping_criteria(
+        self,
+        generation_config: GenerationConfig,
+        stopping_criteria: StoppingCriteriaList | None,
+        tokenizer=None,
+    ) -> StoppingCriteriaList:
+        """`generate`'s stopping criteria, and last `DecodeAhead` where this call decodes through a graph."""
+        criteria = super()._get_stopping_criteria(generation_config, stopping_criteria, tokenizer)
+        graph = self._decode_graph_in_use
+        if graph is not None and graph.ahead_enabled:
+            criteria.append(DecodeAhead(graph, generation_config.max_length))
+        return criteria
 
     def decode_graph_key(self) -> tuple:
         """What a captured decode graph depends on besides its inputs, which must stay the same for a replay: where the
@@ -605,6 +699,7 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
 
 
 __all__ = [
+    "DecodeAhead",
     "DecodeGraph",
     "mamba_decode_step",
     "VLMambaForConditionalGeneration",

@@ -350,3 +350,17 @@ def test_accelerate_configs_load(name, kind):
         )
     if name == "zero2":
         assert config.deepspeed_config["zero_stage"] == 2
+
+
+def test_two_processes_reach_the_loss_curve_of_one(tmp_path):
+    """`accelerate launch` with the DDP config on 2 CPU processes (gloo) against 1 process at the same global batch:
+    the same samples per step, so in fp32 the losses and final weights agree to rounding."""
+    from bench.data_parallel_parity import main as parity
+
+    results = parity(
+        ["--cpu", "--strategies", "ddp", "--steps", "3", "--global-batch-size", "8"] + ["--output-dir", str(tmp_path)]
+    )
+    single, ddp = results["single"]["losses"], results["ddp"]["losses"]
+    assert results["passed"] and ddp[-1] < ddp[0]
+    assert ddp == pytest.approx(single, rel=1e-5)
+    assert results["ddp"]["max_weight_difference"] < 1e-4

@@ -204,6 +204,7 @@ def stage_record(trainer: SFTTrainer, args: argparse.Namespace) -> dict:
         "global_batch_size": hyper["global_batch_size"],
         "steps": trainer.state.global_step,
         "world_size": trainer.args.world_size,
+        "parallelism": trainer.accelerator.distributed_type.value,  # NO, MULTI_GPU, MULTI_CPU, FSDP, DEEPSPEED
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
         # file names only: the card is published, the paths of this machine are not
