@@ -1,7 +1,7 @@
 """GPU benchmarks of VL-Mamba at the paper's 2.8B shape, with baselines measured in the same run.
 
     python bench/bench_vlmamba.py decode [--batch-sizes 1 16 64] [--new-tokens 256] [--skip-transformer] [--profile]
-    python bench/bench_vlmamba.py train [--batch-size 8] [--steps 6] [--profile]
+    python bench/bench_vlmamba.py train [--batch-size 8] [--steps 6] [--no-gradient-checkpointing] [--profile]
 
 `decode`: (a) VL-Mamba (SigLIP-SO400M-shape tower, `vss_l2` + bidirectional connector, Mamba-2.8B-shape LLM,
 random weights, bf16) answering one 384x384 image and a short question (800 prompt tokens), greedy, through
@@ -11,8 +11,9 @@ transformer (Phi-2 shape) in transformers with a static cache (auto-compiled). P
 token, first-call warm-up and peak memory, with ratios to (b) and (c).
 
 `train`: stage-2 training steps of the same model through `training.sft` (TRL SFTTrainer, bf16 autocast, gradient
-checkpointing, vision frozen) on synthetic 384x384 scenes: tokens/s and model FLOPs utilisation
-(6 x trained params x tokens / time / 989 TFLOP/s, plus 2 x frozen params x tokens for the vision forward).
+checkpointing unless `--no-gradient-checkpointing`, vision frozen) on synthetic 384x384 scenes: tokens/s and model
+FLOPs utilisation (6 x trained params x tokens / time / 989 TFLOP/s, plus 2 x frozen params x tokens for the vision
+forward).
 """
 
 import argparse
@@ -348,6 +349,7 @@ def train(args: argparse.Namespace) -> dict:
     argv += ["--output-dir", str(work / "run"), "--max-steps", str(args.steps), "--bf16", "--num-workers", "4"]
     argv += ["--per-device-batch-size", str(args.batch_size), "--global-batch-size", str(args.batch_size)]
     argv += ["--logging-steps", "1", "--save-steps", "100000"]
+    argv += ["--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing"]
     trainer = build_trainer(build_parser().parse_args(argv))
     trained = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in trainer.model.parameters() if not p.requires_grad)
@@ -403,6 +405,7 @@ def main() -> None:
     parser.add_argument("--skip-transformer", action="store_true")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--output", help="write the results as JSON here")
     parser.add_argument("--profile", action="store_true", help="print where the GPU time goes (torch.profiler)")
     args = parser.parse_args()

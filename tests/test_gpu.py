@@ -2,8 +2,8 @@
 
 - the mamba_ssm kernels give the same VL-Mamba as the PyTorch path (forward, greedy generation, training step);
 - a raw mamba_ssm model converted by conversion.convert_mamba_ssm gives mamba_ssm's own logits;
-- CUDA-graph decode gives the eager path's tokens and keeps the generate contract, and the fused kernel of its
-  decode step (residual add + RMSNorm) computes what transformers' Mamba does.
+- CUDA-graph decode gives the eager path's tokens and keeps the generate contract, also when it decodes ahead, and
+  the fused kernel of its decode step (residual add + RMSNorm) computes what transformers' Mamba does.
 """
 
 import os
@@ -181,6 +181,67 @@ def test_graph_decode_on_a_reloaded_model_with_a_one_token_prompt_and_replaced_w
     assert model._decode_graphs[1] is not graph
     assert torch.equal(changed, model.generate(**prompt, cuda_graph_decode=False, **settings))
     assert not torch.equal(changed, first)
+
+
+def spy_on_decode_ahead(graph) -> list[bool]:
+    """For each decode step of `graph` from now on, whether it had been launched ahead."""
+    launched_ahead, step = [], graph.step
+
+    def spying_step(model, input_ids):
+        launched_ahead.append(graph.ahead_token is not None)
+        return step(model, input_ids)
+
+    graph.step = spying_step
+    return launched_ahead
+
+
+def test_decode_ahead_gives_the_eager_tokens_and_a_clean_state_after_an_early_stop():
+    pytest.importorskip("mamba_ssm")
+    from tests.conftest import make_image
+
+    model, processor = tiny_cuda_model()
+    model.generation_config.eos_token_id = None  # random weights: every run lasts max_new_tokens unless told
+    prompts = ["<image>What colour is the square at the top left?", "<image>Count."]
+    images = [make_image(), make_image(color=(9, 9, 9))]
+    inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt").to("cuda")
+    settings = {"max_new_tokens": 24, "do_sample": False}
+    eager = model.generate(**inputs, cuda_graph_decode=False, **settings)
+    model.generate(**inputs, **settings)  # captures the graph at its first decode step
+    launched_ahead = spy_on_decode_ahead(model._decode_graphs[2])
+    assert torch.equal(model.generate(**inputs, **settings), eager)
+    assert launched_ahead == [True] * 23  # every decode step; none after the last token
+
+    # Asking for the cache back turns decoding ahead off: the returned states are those after the last token.
+    launched_ahead.clear()
+    returned = model.generate(**inputs, return_dict_in_generate=True, **settings)
+    eager_returned = model.generate(**inputs, return_dict_in_generate=True, cuda_graph_decode=False, **settings)
+    assert launched_ahead == [False] * 23 and torch.equal(returned.sequences, eager)
+    for graphed_layer, eager_layer in zip(
+        returned.past_key_values.layers, eager_returned.past_key_values.layers, strict=True
+    ):
+        torch.testing.assert_close(
+            graphed_layer.recurrent_states[0], eager_layer.recurrent_states[0], atol=ATOL, rtol=0
+        )
+
+    # An end-of-sequence token stops generation with one step decoded ahead for nothing; the next call starts clean.
+    single = processor(images=images[:1], text=prompts[:1], return_tensors="pt").to("cuda")
+    length = single["input_ids"].shape[1]
+    eager_single = model.generate(**single, cuda_graph_decode=False, **settings)
+    generated = eager_single[0, length:].tolist()
+    stop_at = next(i for i in range(4, len(generated)) if generated[i] not in generated[:i])
+    eos = {"eos_token_id": generated[stop_at], "pad_token_id": 0}
+    model.generate(**single, **settings)
+    launched_ahead = spy_on_decode_ahead(model._decode_graphs[1])
+    stopped = model.generate(**single, **eos, **settings)
+    assert stopped.shape[1] == length + stop_at + 1
+    assert torch.equal(stopped, model.generate(**single, **eos, cuda_graph_decode=False, **settings))
+    assert launched_ahead == [True] * stop_at
+    assert torch.equal(model.generate(**single, **settings), eager_single)
+
+    graph = model._decode_graphs[1]  # a step launched ahead for other input_ids than the next step's is refused
+    graph.launch_ahead(eager_single)
+    with pytest.raises(RuntimeError, match="already ran the step of the token generate chose"):
+        graph.step(model, eager_single[:, -2:-1])
 
 
 @pytest.mark.parametrize(
