@@ -198,6 +198,13 @@ class VLMambaPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.conv1d.bias)
             init.kaiming_uniform_(module.out_proj.weight, a=math.sqrt(5))
 
+    def post_init(self) -> None:
+        super().post_init()
+        # The children's lists name modules this model does not build (SigLIP's pooling head and text embeddings);
+        # FSDP's auto-wrap refuses any class name it cannot find in the model.
+        built = {type(module).__name__ for module in self.modules()}
+        self._no_split_modules = {name for name in self._no_split_modules if name in built}
+
 
 class VLMambaModel(VLMambaPreTrainedModel):
     """Vision encoder, multimodal connector and Mamba language model, without the LM head."""

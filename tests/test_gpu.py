@@ -224,19 +224,25 @@ def test_decode_ahead_gives_the_eager_tokens_and_a_clean_state_after_an_early_st
         )
 
     # An end-of-sequence token stops generation with one step decoded ahead for nothing; the next call starts clean.
+    # Sampled (seeded), so that the tiny random model's tokens vary and one can serve as end of sequence.
     single = processor(images=images[:1], text=prompts[:1], return_tensors="pt").to("cuda")
     length = single["input_ids"].shape[1]
-    eager_single = model.generate(**single, cuda_graph_decode=False, **settings)
+
+    def sample(**kwargs):
+        torch.manual_seed(3)
+        return model.generate(**single, **(settings | {"do_sample": True, "top_k": 0}), **kwargs)
+
+    eager_single = sample(cuda_graph_decode=False)
     generated = eager_single[0, length:].tolist()
     stop_at = next(i for i in range(4, len(generated)) if generated[i] not in generated[:i])
     eos = {"eos_token_id": generated[stop_at], "pad_token_id": 0}
-    model.generate(**single, **settings)
+    sample()
     launched_ahead = spy_on_decode_ahead(model._decode_graphs[1])
-    stopped = model.generate(**single, **eos, **settings)
+    stopped = sample(**eos)
     assert stopped.shape[1] == length + stop_at + 1
-    assert torch.equal(stopped, model.generate(**single, **eos, cuda_graph_decode=False, **settings))
+    assert torch.equal(stopped, sample(**eos, cuda_graph_decode=False))
     assert launched_ahead == [True] * stop_at
-    assert torch.equal(model.generate(**single, **settings), eager_single)
+    assert torch.equal(sample(), eager_single)
 
     graph = model._decode_graphs[1]  # a step launched ahead for other input_ids than the next step's is refused
     graph.launch_ahead(eager_single)

@@ -322,3 +322,17 @@ def test_gradients_reach_the_trained_parts_of_each_stage(tokenizer, processor, c
     stage_2 = tiny_model(config)
     stage_2.model.vision_tower.requires_grad_(False)
     assert trainable_grads(stage_2, processor, checkpointing) == {"vision": False, "connector": True, "llm": True}
+
+
+@pytest.mark.parametrize(
+    ("vision", "encoder_layer"), [(TINY_SIGLIP, "SiglipEncoderLayer"), (TINY_CLIP, "CLIPEncoderLayer")]
+)
+def test_every_no_split_module_is_in_the_model(tokenizer, vision, encoder_layer):
+    """FSDP's auto-wrap (training/configs/fsdp2.yaml) wraps the `_no_split_modules` classes and refuses a name it
+    cannot find, such as SigLIP's pooling head, which a VL-Mamba tower does not build."""
+    from accelerate.utils.dataclasses import get_module_class_from_name
+
+    model = tiny_model(tiny_config(tokenizer, vision=vision))
+    assert {"MambaBlock", encoder_layer} <= set(model._no_split_modules)
+    for name in model._no_split_modules:
+        assert get_module_class_from_name(model, name) is not None, name
