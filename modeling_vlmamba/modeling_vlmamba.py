@@ -404,6 +404,7 @@ class DecodeGraph:
     current stream only, and the next `step` takes the logits the replay left. When generation then stops, that
     replay was for nothing and the states have advanced past the returned tokens: decoding ahead is only used where
     the cache is not handed back to the caller, and `join` orders later work after it.
+
     One graph serves one `generate` call at a time: not thread-safe, and the `cache_params` a call returns is reset
     by the next call of that batch size.
     """
