@@ -23,16 +23,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from conversion.hub_folder import save_folder  # noqa: E402
-from training.demo import DEMO_TEXT, DEMO_VISION, TEMPLATE_TEXT  # noqa: E402
-from training.synthetic import generate, texts  # noqa: E402
-from training.tiny import tiny_config, tiny_model, tiny_processor  # noqa: E402
-from training.tokenizer import train_gpt_neox_tokenizer  # noqa: E402
+from conversion.checkpoint import read_checkpoint  # noqa: E402
+from training.demo import DEMO_TEXT, compose_untrained  # noqa: E402
+from training.synthetic import generate  # noqa: E402
 
 CONFIGS = {"ddp": ROOT / "training/configs/ddp.yaml", "fsdp2": ROOT / "training/configs/fsdp2.yaml"}
 
@@ -41,10 +38,7 @@ def prepare(work: Path, steps: int, global_batch_size: int, seed: int, mambapy: 
     """The demo's synthetic data (enough scenes for `steps` batches) and its tiny untrained model, saved."""
     # Each scene gives at least 3 questions: no epoch ends within the run, where the last batch would split unevenly.
     data = generate(work / "data", train_scenes=steps * global_batch_size // 3 + 1, heldout_scenes=1, seed=seed)
-    tokenizer = train_gpt_neox_tokenizer(texts(data) + TEMPLATE_TEXT, vocab_size=400)
-    text = {**DEMO_TEXT, "use_mambapy": mambapy}
-    config = tiny_config(tokenizer, vision=DEMO_VISION, text=text, projector_type="vss_l2", vss_state_size=8)
-    model = save_folder(tiny_model(config, seed), work / "untrained", tiny_processor(tokenizer, config), force=True)
+    model, _ = compose_untrained(data, work / "untrained", seed, text={**DEMO_TEXT, "use_mambapy": mambapy})
     return data / "conversations.json", model
 
 
@@ -89,23 +83,16 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def weights(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        tensors |= load_file(shard)
-    return {name: tensor.float() for name, tensor in tensors.items()}
-
-
 def compare(reference: tuple[list[float], Path], run: tuple[list[float], Path]) -> dict:
     """Largest relative loss difference over the steps, and largest weight difference after the last step."""
     (reference_losses, reference_folder), (losses, folder) = reference, run
     if len(losses) != len(reference_losses):
         raise RuntimeError(f"{len(losses)} logged losses against {len(reference_losses)} of the single process")
     loss_difference = max(abs(a - b) / abs(b) for a, b in zip(losses, reference_losses, strict=True))
-    expected, actual = weights(reference_folder), weights(folder)
+    expected, actual = read_checkpoint(reference_folder), read_checkpoint(folder)
     if expected.keys() != actual.keys():
         raise RuntimeError(f"the final folders hold different tensors: {sorted(expected.keys() ^ actual.keys())}")
-    weight_difference = max((actual[name] - expected[name]).abs().max().item() for name in expected)
+    weight_difference = max((actual[name].float() - expected[name].float()).abs().max().item() for name in expected)
     return {"max_relative_loss_difference": loss_difference, "max_weight_difference": weight_difference}
 
 

@@ -403,7 +403,8 @@ class DecodeGraph:
     replays the step of that token on a stream of its own (the token stays on the GPU); the host's wait covers the
     current stream only, and the next `step` takes the logits the replay left. When generation then stops, that
     replay was for nothing and the states have advanced past the returned tokens: decoding ahead is only used where
-    the cache is not handed back to the caller, and `join` orders later work after it.
+    the cache is not handed back to the caller, and `generate` ends every call with `join`, which orders later work
+    (the next call's `reset`, freeing a dropped graph, the caller's own) after it.
 
     One graph serves one `generate` call at a time: not thread-safe, and the `cache_params` a call returns is reset
     by the next call of that batch size.
@@ -425,7 +426,6 @@ class DecodeGraph:
     @torch.no_grad()
     def reset(self, model: "VLMambaForConditionalGeneration", decode_ahead: bool) -> None:
         """Empty the cache and recompute `A` (the weights may have changed in place since the last call)."""
-        self.join()
         self.cache.reset()
         self.ssm_A.copy_(ssm_matrices(model.model.language_model))
         self.ahead_enabled = decode_ahead
@@ -606,8 +606,8 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
         try:
             return super().generate(*args, **kwargs)
         finally:  # a step decoded ahead may still run: later work on the current stream must come after it
-            for graph in self._decode_graphs.values():
-                graph.join()
+            if self._decode_graph_in_use is not None:
+                self._decode_graph_in_use.join()
             self._decode_graph_in_use = None
 
     def _prepare_cache_for_generation(
@@ -638,9 +638,7 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
         graph, key = self._decode_graphs.get(batch_size), self.decode_graph_key()
         if graph is None or graph.key != key:  # new batch size, weights or adapter state
             if graph is None and len(self._decode_graphs) >= MAX_DECODE_GRAPHS:
-                self._decode_graphs.pop(next(iter(self._decode_graphs))).join()  # the oldest batch size
-            elif graph is not None:
-                graph.join()
+                self._decode_graphs.pop(next(iter(self._decode_graphs)))  # the oldest batch size
             graph = self._decode_graphs[batch_size] = DecodeGraph(self, batch_size, key)
         # Decoding ahead leaves the states a step past the last token: not where the caller gets the cache back,
         # or asks for per-step outputs that the graph step does not give.

@@ -358,7 +358,7 @@ def test_two_processes_reach_the_loss_curve_of_one(tmp_path):
     from bench.data_parallel_parity import main as parity
 
     results = parity(
-        ["--cpu", "--strategies", "ddp", "--steps", "3", "--global-batch-size", "8"] + ["--output-dir", str(tmp_path)]
+        ["--cpu", "--strategies", "ddp", "--steps", "3", "--global-batch-size", "8", "--output-dir", str(tmp_path)]
     )
     single, ddp = results["single"]["losses"], results["ddp"]["losses"]
     assert results["passed"] and ddp[-1] < ddp[0]

@@ -21,6 +21,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
 from conversion.hub_folder import save_folder
 from model_cards import read_card_data, write_card
+from modeling_vlmamba import VLMambaForConditionalGeneration
 from training.data import content_blocks
 from training.evaluate import evaluate
 from training.sft import build_parser, train
@@ -59,6 +60,17 @@ COMMON_ARGUMENTS = [
 ]
 
 
+def compose_untrained(
+    data: Path, folder: Path, seed: int, text: dict = DEMO_TEXT
+) -> tuple[Path, VLMambaForConditionalGeneration]:
+    """The demo's tokenizer, trained on the text of the dataset in `data`, and its tiny untrained VL-Mamba (language
+    model sized by `text`), saved to `folder`. Returns the folder and the model."""
+    tokenizer = train_gpt_neox_tokenizer(texts(data) + TEMPLATE_TEXT, vocab_size=400)
+    config = tiny_config(tokenizer, vision=DEMO_VISION, text=text, projector_type="vss_l2", vss_state_size=8)
+    model = tiny_model(config, seed)
+    return save_folder(model, folder, tiny_processor(tokenizer, config), force=True), model
+
+
 def losses(final_dir: Path) -> tuple[float, float]:
     """First and last logged training loss of the folder's last stage (from its model card data)."""
     stage = read_card_data(final_dir)["training"][-1]
@@ -69,12 +81,8 @@ def run(output_dir: Path, train_scenes: int, heldout_scenes: int, seed: int) -> 
     started = time.time()
     torch.manual_seed(seed)
     data = generate(output_dir / "data", train_scenes, heldout_scenes, seed)
-    tokenizer = train_gpt_neox_tokenizer(texts(data) + TEMPLATE_TEXT, vocab_size=400)
-    config = tiny_config(tokenizer, vision=DEMO_VISION, text=DEMO_TEXT, projector_type="vss_l2", vss_state_size=8)
-    base = save_folder(
-        tiny_model(config, seed), output_dir / "untrained", tiny_processor(tokenizer, config), force=True
-    )
-    print(f"Composed a VL-Mamba from scratch: {sum(p.numel() for p in tiny_model(config).parameters()):,} parameters")
+    base, model = compose_untrained(data, output_dir / "untrained", seed)
+    print(f"Composed a VL-Mamba from scratch: {sum(p.numel() for p in model.parameters()):,} parameters")
 
     model_dir, stage_losses = base, {}
     for stage, data_file in ((1, "captions.json"), (2, "conversations.json")):
