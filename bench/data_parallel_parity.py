@@ -27,9 +27,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from conversion.checkpoint import read_checkpoint  # noqa: E402
-from training.demo import DEMO_TEXT, compose_untrained  # noqa: E402
-from training.synthetic import generate  # noqa: E402
+from vlmamba.conversion.checkpoint import read_checkpoint  # noqa: E402
+from vlmamba.training.demo import DEMO_TEXT, compose_untrained  # noqa: E402
+from vlmamba.training.synthetic import generate  # noqa: E402
 
 CONFIGS = {"ddp": ROOT / "training/configs/ddp.yaml", "fsdp2": ROOT / "training/configs/fsdp2.yaml"}
 
@@ -45,7 +45,8 @@ def prepare(work: Path, steps: int, global_batch_size: int, seed: int, mambapy: 
 def launch(
     name: str, processes: int, args: argparse.Namespace, data: Path, model: Path, work: Path
 ) -> tuple[list[float], Path]:
-    """Stage 2 through `accelerate launch ... -m training.sft`; returns the per-step losses and the final folder."""
+    """Stage 2 through `accelerate launch ... -m vlmamba.training.sft`; returns the per-step losses and the final
+    folder."""
     output_dir = work / name
     config = CONFIGS["ddp" if name == "single" else name]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]

@@ -1,1 +1,4 @@
-"""Checkpoint converters and Hub packaging for VL-Mamba (run from a checkout: `python -m conversion.<module>`)."""
+"""Checkpoint converters and Hub packaging for VL-Mamba.
+
+Run as `vlmamba compose ...` (and the other `vlmamba` tools), or `python -m conversion.<module>` in a checkout.
+"""

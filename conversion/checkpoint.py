@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import PretrainedConfig, PreTrainedModel
@@ -265,16 +267,34 @@ def verify_folder(
     return model
 
 
-def resolve_folder(name_or_path: str | Path) -> Path:
+def check_source(name_or_path: str | Path, what: str = "Model") -> str:
+    """`name_or_path` if it is an existing local path or reads as a Hub repo id (`ORG/NAME`); otherwise a
+    `FileNotFoundError` saying that the path does not exist (the Hub would only say "Repo id must be in the form")."""
+    name = str(name_or_path)
+    if Path(name).exists():
+        return name
+    looks_local = name.startswith((".", "/", "~")) or "\\" in name or name.count("/") != 1
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        looks_local = True
+    if looks_local:
+        raise FileNotFoundError(
+            f"The {what} {name!r} does not exist: give an existing folder or a Hub repo id (ORG/NAME)."
+        )
+    return name
+
+
+def resolve_folder(name_or_path: str | Path, what: str = "Model") -> Path:
     """A local folder as is; otherwise a Hub repo id, downloaded (configs, weights, tokenizer and processor files)."""
-    path = Path(name_or_path)
+    repo_id = check_source(name_or_path, what)
+    path = Path(repo_id)
     if path.is_dir():
         return path
     if path.exists():
         raise NotADirectoryError(f"{path} is a file; pass the folder that holds it.")
     from huggingface_hub import list_repo_files, snapshot_download
 
-    repo_id = str(name_or_path)
     has_safetensors = any(name.endswith(".safetensors") for name in list_repo_files(repo_id))
     weights = ["*.safetensors", "*.safetensors.index.json"] if has_safetensors else ["*.bin", "*.bin.index.json"]
     return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.model", "*.jinja", *weights]))

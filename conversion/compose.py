@@ -5,10 +5,11 @@ model or a full SigLIP / CLIP model (its vision part is taken); the LLM a transf
 mamba_ssm folder (converted on the way). The tokenizer gets the `<image>` token; the image processor comes from the
 vision folder.
 
-    python -m conversion.compose --vision google/siglip-so400m-patch14-384 --llm state-spaces/mamba-2.8b-hf OUTPUT_DIR
+    vlmamba compose --vision google/siglip-so400m-patch14-384 --llm state-spaces/mamba-2.8b-hf OUTPUT_DIR
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -21,8 +22,7 @@ from transformers import (
     PretrainedConfig,
     PreTrainedTokenizerBase,
 )
-
-from conversion.checkpoint import (
+from vlmamba.conversion.checkpoint import (
     CONNECTOR,
     LANGUAGE_MODEL,
     VISION_TOWER,
@@ -41,12 +41,14 @@ from conversion.checkpoint import (
     verification_device,
     verify_folder,
 )
-from conversion.convert_mamba_ssm import convert_raw_weights, is_raw_mamba_ssm
-from conversion.hub_folder import MAX_SHARD_SIZE, check_output_dir, save_folder
-from model_cards import hub_ids, write_card
+from vlmamba.conversion.convert_mamba_ssm import convert_raw_weights, is_raw_mamba_ssm
+from vlmamba.conversion.hub_folder import MAX_SHARD_SIZE, check_output_dir, save_folder
+from vlmamba.model_cards import hub_ids, write_card
+
 from modeling_vlmamba import VLMambaConfig, VLMambaForConditionalGeneration, VLMambaProcessor
 from modeling_vlmamba.configuration_vlmamba import PROJECTOR_TYPES, SCAN_TYPES
 from modeling_vlmamba.processing_vlmamba import IMAGE_ASPECT_RATIOS, IMAGE_TOKEN, PAD_TOKEN
+from vlmamba.cli import run_tool
 
 FULL_MODEL_TYPES = {"siglip": "siglip_vision_model", "clip": "clip_vision_model"}
 # transformers' Mamba (MambaForCausalLM) names -> VL-Mamba names. Old checkpoints say `embedding`, not `embeddings`.
@@ -162,14 +164,14 @@ def compose(
     the source LLM's, and its vision tower's hidden states equal the source encoder's.
     """
     check_output_dir(output_dir, force)
-    vision_dir, llm_dir = resolve_folder(vision), resolve_folder(llm)
+    vision_dir, llm_dir = resolve_folder(vision, "Vision encoder"), resolve_folder(llm, "LLM")
     vision_config, vision_keys = vision_source(vision_dir)
     text_config, llm_weights = language_model_source(llm_dir)
     config, processor = assemble(
         vision_dir,
         vision_config,
         text_config,
-        resolve_folder(tokenizer) if tokenizer is not None else llm_dir,
+        resolve_folder(tokenizer, "Tokenizer") if tokenizer is not None else llm_dir,
         image_aspect_ratio,
         projector_type=projector_type,
         scan_type=scan_type,
@@ -229,15 +231,17 @@ def compose(
             f"An untrained VL-Mamba composed from the vision encoder `{vision_name}` and the language model "
             f"`{llm_name}`, "
             f"with a `{projector_type}` connector initialised at random (seed {seed}). Train it with "
-            "`python -m training.sft --stage 1` (connector alignment) before use."
+            "`vlmamba train --stage 1` (connector alignment) before use."
         )
         write_card(folder, {"description": description, "base_model": hub_ids(vision, llm)})
 
     return save_folder(model, output_dir, processor, force=force, max_shard_size=max_shard_size, finalize=verify)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--vision", required=True, help="SigLIP/CLIP folder or Hub id (vision or full model)")
     parser.add_argument("--llm", required=True, help="Mamba folder or Hub id (transformers or raw mamba_ssm)")
     add_output_arguments(parser)
@@ -247,7 +251,7 @@ def main() -> None:
     parser.add_argument("--vision-feature-layer", type=int, default=-2)
     parser.add_argument("--image-aspect-ratio", default="pad", choices=IMAGE_ASPECT_RATIOS)
     parser.add_argument("--seed", type=int, default=0, help="seed of the connector's initialisation")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     folder = compose(
         args.vision,
         args.llm,
@@ -266,4 +270,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))

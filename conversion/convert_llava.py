@@ -5,18 +5,18 @@ A LLaVA-based Mamba VLM (the layout Mamba-LLaVA writes, and a LLaVA-based VL-Mam
 `model.vision_tower.vision_tower.vision_model.*`, with LLaVA's `mm_*` keys next to the mamba_ssm ones in
 `config.json`. Stage 1 of LLaVA training saves only the connector, as `mm_projector.bin`.
 
-    python -m conversion.convert_llava checkpoint LLAVA_DIR OUTPUT_DIR [--vision openai/clip-vit-large-patch14-336]
-    python -m conversion.convert_llava mm-projector mm_projector.bin --base COMPOSED_DIR OUTPUT_DIR
+    vlmamba convert-llava checkpoint LLAVA_DIR OUTPUT_DIR [--vision openai/clip-vit-large-patch14-336]
+    vlmamba convert-llava mm-projector mm_projector.bin --base COMPOSED_DIR OUTPUT_DIR
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoProcessor
-
-from conversion.checkpoint import (
+from vlmamba.conversion.checkpoint import (
     CONNECTOR,
     ConversionError,
     KeyMap,
@@ -34,11 +34,13 @@ from conversion.checkpoint import (
     tied_keys,
     verify_folder,
 )
-from conversion.compose import assemble, vision_source
-from conversion.convert_mamba_ssm import mamba_config_from_raw
-from conversion.hub_folder import MAX_SHARD_SIZE, check_output_dir, save_folder
-from model_cards import hub_ids, read_card_data, write_card
+from vlmamba.conversion.compose import assemble, vision_source
+from vlmamba.conversion.convert_mamba_ssm import mamba_config_from_raw
+from vlmamba.conversion.hub_folder import MAX_SHARD_SIZE, check_output_dir, save_folder
+from vlmamba.model_cards import hub_ids, read_card_data, write_card
+
 from modeling_vlmamba import VLMambaConfig, VLMambaForConditionalGeneration
+from vlmamba.cli import run_tool
 
 # LLaVA's `mlp2x_gelu` is Sequential(Linear, GELU, Linear): indices 0 and 2 hold the weights.
 MM_PROJECTOR_KEYS = KeyMap(
@@ -102,12 +104,12 @@ def convert_llava(
     source model's forward, if one can run; its logits on a fixed random input must then match.
     """
     check_output_dir(output_dir, force)
-    checkpoint_dir = resolve_folder(checkpoint_dir)
+    checkpoint_dir = resolve_folder(checkpoint_dir, "Checkpoint")
     raw = read_json(checkpoint_dir / "config.json")
     options = llava_options(raw)
-    vision_dir = resolve_folder(vision or raw["mm_vision_tower"])
+    vision_dir = resolve_folder(vision or raw["mm_vision_tower"], "Vision tower")
     vision_config, vision_keys = vision_source(vision_dir)
-    tokenizer_dir = resolve_folder(tokenizer) if tokenizer else checkpoint_dir
+    tokenizer_dir = resolve_folder(tokenizer, "Tokenizer") if tokenizer else checkpoint_dir
     config, processor = assemble(vision_dir, vision_config, mamba_config_from_raw(raw), tokenizer_dir, **options)
     if raw.get("mm_hidden_size", config.vision_feature_size) != config.vision_feature_size:
         raise ConversionError(
@@ -198,8 +200,10 @@ def load_mm_projector(
     return save_folder(base, output_dir, processor, force=force, max_shard_size=max_shard_size, finalize=verify)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     full = commands.add_parser("checkpoint", help="a full LLaVA-style Mamba VLM checkpoint")
     full.add_argument("checkpoint_dir")
@@ -210,7 +214,7 @@ def main() -> None:
     stage_1.add_argument("mm_projector", help="the mm_projector.bin file")
     stage_1.add_argument("--base", required=True, help="VL-Mamba folder from conversion.compose --projector-type mlp")
     add_output_arguments(stage_1)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.command == "checkpoint":
         folder = convert_llava(
             args.checkpoint_dir,
@@ -231,4 +235,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))

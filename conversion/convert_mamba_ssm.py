@@ -5,16 +5,16 @@ format: `config.json` (`d_model, n_layer, vocab_size, ssm_cfg, rms_norm, residua
 pad_vocab_size_multiple`) and `pytorch_model.bin` with `backbone.embedding.weight`, `backbone.layers.{i}.*`,
 `backbone.norm_f.weight` and a tied `lm_head.weight`.
 
-    python -m conversion.convert_mamba_ssm state-spaces/mamba-2.8b-slimpj OUT_DIR --tokenizer EleutherAI/gpt-neox-20b
+    vlmamba convert-mamba-ssm state-spaces/mamba-2.8b-slimpj OUT_DIR --tokenizer EleutherAI/gpt-neox-20b
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, MambaConfig, MambaForCausalLM
-
-from conversion.checkpoint import (
+from vlmamba.conversion.checkpoint import (
     ConversionError,
     KeyMap,
     ReferenceForward,
@@ -30,7 +30,9 @@ from conversion.checkpoint import (
     tied_keys,
     verify_folder,
 )
-from conversion.hub_folder import MAX_SHARD_SIZE, check_output_dir, save_folder
+from vlmamba.conversion.hub_folder import MAX_SHARD_SIZE, check_output_dir, save_folder
+
+from vlmamba.cli import run_tool
 
 # mamba_ssm `ssm_cfg` (Mamba-1 mixer arguments) -> transformers MambaConfig fields.
 SSM_CFG_FIELDS = {
@@ -152,7 +154,7 @@ def convert_mamba_ssm(
     equal the converted tensors.
     """
     check_output_dir(output_dir, force)
-    raw_dir = resolve_folder(raw_dir)
+    raw_dir = resolve_folder(raw_dir, "mamba_ssm checkpoint")
     config, state_dict = convert_raw_weights(raw_dir, dtype)
     model = build_model(MambaForCausalLM, config, state_dict)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir is not None else None
@@ -166,13 +168,15 @@ def convert_mamba_ssm(
     return save_folder(model, output_dir, tokenizer, force=force, max_shard_size=max_shard_size, finalize=verify)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("raw_dir", help="mamba_ssm folder or Hub id (config.json + pytorch_model.bin / safetensors)")
     add_output_arguments(parser)
     parser.add_argument("--tokenizer", help="tokenizer folder to copy in (e.g. EleutherAI/gpt-neox-20b)")
-    args = parser.parse_args()
-    reference = mamba_ssm_reference(resolve_folder(args.raw_dir))
+    args = parser.parse_args(argv)
+    reference = mamba_ssm_reference(resolve_folder(args.raw_dir, "mamba_ssm checkpoint"))
     folder = convert_mamba_ssm(
         args.raw_dir,
         args.output_dir,
@@ -186,4 +190,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))

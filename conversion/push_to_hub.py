@@ -1,6 +1,6 @@
 """Publish a VL-Mamba folder to the Hugging Face Hub, as one commit.
 
-    python -m conversion.push_to_hub runs/stage2/final --repo-id ORG/NAME [--private] [--revision BRANCH]
+    vlmamba push runs/stage2/final --repo-id ORG/NAME [--private] [--revision BRANCH]
         [--create-pr] [--license apache-2.0] [--datasets ORG/DATA ...] [--base-model ORG/MODEL ...] [--dry-run]
 
 The folder is checked (config with `auto_map`, safetensors weights, generation config, processor, tokenizer, chat
@@ -12,14 +12,16 @@ without any network call. A bad repo id, a missing token or a missing file is re
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
+from vlmamba.model_cards import read_card_data, write_card
 
-from model_cards import read_card_data, write_card
+from vlmamba.cli import run_tool
 
 CODE_FILES = ("configuration_vlmamba.py", "decode_kernels.py", "modeling_vlmamba.py", "processing_vlmamba.py")
 REQUIRED_FILES = (
@@ -142,8 +144,10 @@ def push_to_hub(
     return url
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("folder", help="a VL-Mamba folder (from conversion or training.sft's OUTPUT_DIR/final)")
     parser.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub")
     parser.add_argument("--private", action="store_true")
@@ -172,4 +176,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))

@@ -18,15 +18,15 @@ from transformers import (
     SiglipVisionConfig,
     SiglipVisionModel,
 )
+from vlmamba.conversion.compose import compose
+from vlmamba.conversion.push_to_hub import PublishError, push_to_hub
+from vlmamba.model_cards import parameter_counts, render_card
+from vlmamba.training.sft import build_parser, train
+from vlmamba.training.synthetic import generate, texts
+from vlmamba.training.tokenizer import train_gpt_neox_tokenizer
 
-from conversion.compose import compose
-from conversion.push_to_hub import PublishError, push_to_hub
-from model_cards import parameter_counts, render_card
 from tests.conftest import make_image
 from tests.isolated_load import MAX_NEW_TOKENS, chat_inputs, run_isolated
-from training.sft import build_parser, train
-from training.synthetic import generate, texts
-from training.tokenizer import train_gpt_neox_tokenizer
 
 VISION = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4}
 VISION |= {"image_size": 16, "patch_size": 4}
@@ -164,7 +164,7 @@ def test_problems_are_reported_before_any_upload(folders, tmp_path, monkeypatch)
         push_to_hub(folders["trained"], "not a repo", token="hf_test", api=api)
     with pytest.raises(PublishError, match="write it as ORG/NAME"):
         push_to_hub(folders["trained"], "justaname", token="hf_test", api=api)
-    monkeypatch.setattr("conversion.push_to_hub.get_token", lambda: None)
+    monkeypatch.setattr("vlmamba.conversion.push_to_hub.get_token", lambda: None)
     with pytest.raises(PublishError, match="No Hugging Face token: run `hf auth login` or set HF_TOKEN"):
         push_to_hub(folders["trained"], "org/vlmamba-test", api=api)
     broken = tmp_path / "broken"

@@ -8,11 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
-
-from conversion.hub_folder import save_folder
-from tests.conftest import make_image
-from training.data import DataError, VisionCollator, read_llava_json
-from training.sft import (
+from vlmamba.conversion.hub_folder import save_folder
+from vlmamba.training.data import DataError, VisionCollator, read_llava_json
+from vlmamba.training.sft import (
     PRESETS,
     build_parser,
     build_trainer,
@@ -20,9 +18,11 @@ from training.sft import (
     resolved_hyperparameters,
     train,
 )
-from training.synthetic import generate, texts
-from training.tiny import tiny_config, tiny_model, tiny_processor
-from training.tokenizer import train_gpt_neox_tokenizer
+from vlmamba.training.synthetic import generate, texts
+from vlmamba.training.tiny import tiny_config, tiny_model, tiny_processor
+from vlmamba.training.tokenizer import train_gpt_neox_tokenizer
+
+from tests.conftest import make_image
 
 # The same run twice on CPU is bitwise reproducible; resuming reloads fp32 weights and optimizer states exactly.
 RESUME_ATOL = 1e-6
@@ -314,7 +314,7 @@ def test_stage_presets_and_their_overrides(workspace):
 
 
 def test_synthetic_data_is_deterministic_and_holds_out_unseen_layouts(tmp_path):
-    from training.synthetic import CHANCE, COLOURS, POSITIONS, SHAPES
+    from vlmamba.training.synthetic import CHANCE, COLOURS, POSITIONS, SHAPES
 
     first, second = generate(tmp_path / "a", 400, 40, seed=5), generate(tmp_path / "b", 400, 40, seed=5)
     for name in ("captions.json", "conversations.json", "heldout.json"):

@@ -1,1 +1,1 @@
-"""Two-stage VL-Mamba training with TRL (run from a checkout: `python -m training.<module>`)."""
+"""Two-stage VL-Mamba training with TRL (`vlmamba train ...`, or `python -m training.<module>` in a checkout)."""

@@ -6,28 +6,30 @@
 4. evaluates exact-match accuracy on held-out scenes per question type, next to chance;
 5. reloads the saved folder with `pipeline("image-text-to-text", trust_remote_code=True)` and asks it a question.
 
-    python -m training.demo [--output-dir demo-output] [--force]
+    vlmamba demo [--output-dir demo-output] [--force]
 """
 
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+from vlmamba.conversion.hub_folder import save_folder
+from vlmamba.model_cards import read_card_data, write_card
+from vlmamba.training.data import content_blocks
+from vlmamba.training.evaluate import evaluate
+from vlmamba.training.sft import build_parser, train
+from vlmamba.training.synthetic import CHANCE, generate, texts
+from vlmamba.training.tiny import tiny_config, tiny_model, tiny_processor
+from vlmamba.training.tokenizer import train_gpt_neox_tokenizer
 
-from conversion.hub_folder import save_folder
-from model_cards import read_card_data, write_card
 from modeling_vlmamba import VLMambaForConditionalGeneration
-from training.data import content_blocks
-from training.evaluate import evaluate
-from training.sft import build_parser, train
-from training.synthetic import CHANCE, generate, texts
-from training.tiny import tiny_config, tiny_model, tiny_processor
-from training.tokenizer import train_gpt_neox_tokenizer
+from vlmamba.cli import run_tool
 
 # 32 px scenes in 8 px patches: a 4x4 grid, so each cell of the scene's 2x2 layout is 2x2 patches.
 DEMO_VISION = {
@@ -96,7 +98,7 @@ def run(output_dir: Path, train_scenes: int, heldout_scenes: int, seed: int) -> 
     accuracy = evaluate(model, processor, data / "heldout.json")
     card_data = read_card_data(model_dir)
     card_data["description"] = (
-        "A tiny VL-Mamba trained from scratch by `python -m training.demo` on synthetic scenes of coloured shapes "
+        "A tiny VL-Mamba trained from scratch by `vlmamba demo` on synthetic scenes of coloured shapes "
         "(`training.synthetic`): it answers questions about their colour, shape, position and count, and knows "
         "nothing else."
     )
@@ -129,8 +131,10 @@ def run(output_dir: Path, train_scenes: int, heldout_scenes: int, seed: int) -> 
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--output-dir", default="demo-output")
     parser.add_argument("--train-scenes", type=int, default=10000)
     parser.add_argument("--heldout-scenes", type=int, default=100)
@@ -160,4 +164,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))

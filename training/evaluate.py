@@ -1,6 +1,6 @@
 """Exact-match evaluation of a VL-Mamba on held-out LLaVA-JSON questions, per question type.
 
-    python -m training.evaluate MODEL HELDOUT_JSON [--image-folder DIR] [--batch-size 64]
+    vlmamba evaluate MODEL HELDOUT_JSON [--image-folder DIR] [--batch-size 64]
 
 Each record is one question (`conversations`: a human turn, then the gpt answer) with an optional `question_type`.
 Answers are generated greedily from the chat template's generation prompt, in left-padded batches, and count when
@@ -9,14 +9,17 @@ they equal the reference after lower-casing and stripping spaces and final punct
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
+from vlmamba.conversion.checkpoint import check_source
+from vlmamba.training.data import read_llava_json
 
-from training.data import read_llava_json
+from vlmamba.cli import run_tool
 
 
 def normalise(answer: str) -> str:
@@ -63,14 +66,17 @@ def evaluate(
     return accuracy
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("model")
     parser.add_argument("heldout_json")
     parser.add_argument("--image-folder")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=8)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    check_source(args.model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True).to(device)
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
@@ -80,4 +86,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))

@@ -4,18 +4,19 @@ Stage 1 (alignment) trains the connector on captions, vision encoder and LLM fro
 trains the connector and the LLM on conversations, the vision encoder frozen (`--train-vision` unfreezes it).
 Every LLaVA-1.5 hyperparameter of the stage is the default and can be overridden.
 
-    python -m training.sft --stage 1 --model vlmamba-untrained --data blip_laion_cc_sbu_558k.json \\
+    vlmamba train --stage 1 --model vlmamba-untrained --data blip_laion_cc_sbu_558k.json \\
         --image-folder images --output-dir runs/stage1
-    python -m training.sft --stage 2 --model runs/stage1/final --data llava_v1_5_mix665k.json \\
+    vlmamba train --stage 2 --model runs/stage1/final --data llava_v1_5_mix665k.json \\
         --image-folder images --output-dir runs/stage2
 
 Checkpoints go to OUTPUT_DIR/checkpoint-*; the trained model, ready for the Hub (remote code, processor,
 generation config, a model card recording the run), to OUTPUT_DIR/final. Multi-GPU: `accelerate launch --config_file
-training/configs/<ddp|fsdp2|zero2>.yaml -m training.sft ...`.
+training/configs/<ddp|fsdp2|zero2>.yaml -m vlmamba.training.sft ...`.
 """
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -23,11 +24,12 @@ from peft import LoraConfig
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
+from vlmamba.conversion.checkpoint import CONNECTOR, DTYPES, LANGUAGE_MODEL, VISION_TOWER, check_source
+from vlmamba.conversion.hub_folder import save_folder
+from vlmamba.model_cards import hub_ids, read_card_data, write_card
+from vlmamba.training.data import VisionCollator, load_hf_dataset, read_llava_json
 
-from conversion.checkpoint import CONNECTOR, DTYPES, LANGUAGE_MODEL, VISION_TOWER
-from conversion.hub_folder import save_folder
-from model_cards import hub_ids, read_card_data, write_card
-from training.data import VisionCollator, load_hf_dataset, read_llava_json
+from vlmamba.cli import run_tool
 
 # LLaVA-1.5 (scripts/v1_5/pretrain.sh, finetune.sh): the global batch is split over devices and accumulation.
 PRESETS = {
@@ -39,8 +41,10 @@ PATH_ARGUMENTS = ("model", "data", "dataset", "image_folder", "output_dir")
 LORA_TARGETS = r".*language_model.*\.in_proj"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--stage", type=int, choices=[1, 2], required=True)
     parser.add_argument("--model", required=True, help="VL-Mamba folder or Hub id (conversion.compose, or stage 1)")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -138,7 +142,11 @@ def build_trainer(args: argparse.Namespace) -> SFTTrainer:
     if args.stage == 1 and args.dataset:
         raise ValueError("Stage 1 trains on LLaVA-JSON captions (--data): a messages dataset is for stage 2.")
     hyper = resolved_hyperparameters(args)
-    bf16 = args.bf16 if args.bf16 is not None else bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    bf16_supported = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if args.bf16 and not bf16_supported:
+        raise ValueError("--bf16 needs a CUDA GPU with bfloat16 support, and this machine has none: leave it out.")
+    bf16 = bf16_supported if args.bf16 is None else args.bf16
+    check_source(args.model, "--model")
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
     model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True, dtype=torch.float32)
     lora = lora_config(args)
@@ -263,10 +271,10 @@ def train(args: argparse.Namespace) -> Path:
     return final_dir
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    args = build_parser(prog).parse_args(argv)
     print(f"Stage {args.stage} model saved to {train(args)}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))

@@ -10,18 +10,21 @@ every image is jittered (shade, tint, size, offset); held-out records carry thei
 Every question comes before its image (`"What shape is in the picture?<image>"`): a Mamba reads left to right and
 keeps a fixed-size state, so knowing the question lets it keep what the question needs while it reads the image.
 
-    python -m training.synthetic OUTPUT_DIR [--train-scenes 1500] [--heldout-scenes 100] [--seed 0]
+    vlmamba synthetic OUTPUT_DIR [--train-scenes 1500] [--heldout-scenes 100] [--seed 0]
 """
 
 import argparse
 import json
 import random
+import sys
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
+
+from vlmamba.cli import run_tool
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -158,15 +161,17 @@ def texts(output_dir: str | Path) -> list[str]:
     ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("output_dir")
     parser.add_argument("--train-scenes", type=int, default=1500)
     parser.add_argument("--heldout-scenes", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print(f"Dataset written to {generate(args.output_dir, args.train_scenes, args.heldout_scenes, args.seed)}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))

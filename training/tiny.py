@@ -1,20 +1,22 @@
 """Tiny VL-Mamba models built from scratch, for trying the API offline, for the tests and for the demo.
 
-python -m training.tiny ./vlmamba-tiny [--projector-type vss_l2] [--scan-type bidirectional] [--force]
+vlmamba tiny ./vlmamba-tiny [--projector-type vss_l2] [--scan-type bidirectional] [--force]
 """
 
 import argparse
+import sys
 from collections.abc import Iterable
 
 import torch
 from transformers import CLIPImageProcessorPil, PreTrainedTokenizerBase, SiglipImageProcessorPil
 from transformers.image_processing_utils import BaseImageProcessor
+from vlmamba.conversion.convert_mamba_ssm import pad_vocab_size
+from vlmamba.conversion.hub_folder import save_folder
+from vlmamba.model_cards import write_card
+from vlmamba.training.tokenizer import IMAGE_TOKEN, train_gpt_neox_tokenizer
 
-from conversion.convert_mamba_ssm import pad_vocab_size
-from conversion.hub_folder import save_folder
-from model_cards import write_card
 from modeling_vlmamba import VLMambaConfig, VLMambaForConditionalGeneration, VLMambaProcessor
-from training.tokenizer import IMAGE_TOKEN, train_gpt_neox_tokenizer
+from vlmamba.cli import run_tool
 
 # A 4x4 patch grid (16 px images, 4 px patches), two encoder layers.
 TINY_SIGLIP = {
@@ -90,13 +92,15 @@ def build_tiny_folder(output_dir: str, texts: Iterable[str] = SAMPLE_TEXT, force
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Write a tiny random VL-Mamba folder (to try the API offline).")
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Write a tiny random VL-Mamba folder (to try the API offline)."
+    )
     parser.add_argument("output_dir")
     parser.add_argument("--projector-type", default="vss_l2", choices=["mlp", "vss_mlp", "vss_l2"])
     parser.add_argument("--scan-type", default="bidirectional", choices=["bidirectional", "cross"])
     parser.add_argument("--force", action="store_true", help="overwrite an existing output folder")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     folder = build_tiny_folder(
         args.output_dir, force=args.force, projector_type=args.projector_type, scan_type=args.scan_type
     )
@@ -104,4 +108,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_tool(main))
