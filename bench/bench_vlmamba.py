@@ -327,14 +327,13 @@ def transformer_measurements(args: argparse.Namespace, generator: torch.Generato
 
 
 def train(args: argparse.Namespace) -> dict:
+    from modeling_vlmamba import VLMambaProcessor
     from vlmamba.conversion.hub_folder import save_folder
     from vlmamba.training.sft import build_parser, build_trainer
     from vlmamba.training.synthetic import generate as generate_scenes
     from vlmamba.training.synthetic import texts
     from vlmamba.training.tiny import image_processor_for
     from vlmamba.training.tokenizer import train_gpt_neox_tokenizer
-
-    from modeling_vlmamba import VLMambaProcessor
 
     work = Path(tempfile.mkdtemp(prefix="vlmamba-bench-"))
     data = generate_scenes(work / "data", train_scenes=args.batch_size * (args.steps + 2), heldout_scenes=1, size=384)

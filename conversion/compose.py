@@ -22,6 +22,11 @@ from transformers import (
     PretrainedConfig,
     PreTrainedTokenizerBase,
 )
+
+from modeling_vlmamba import VLMambaConfig, VLMambaForConditionalGeneration, VLMambaProcessor
+from modeling_vlmamba.configuration_vlmamba import PROJECTOR_TYPES, SCAN_TYPES
+from modeling_vlmamba.processing_vlmamba import IMAGE_ASPECT_RATIOS, IMAGE_TOKEN, PAD_TOKEN
+from vlmamba.cli import run_tool
 from vlmamba.conversion.checkpoint import (
     CONNECTOR,
     LANGUAGE_MODEL,
@@ -44,11 +49,6 @@ from vlmamba.conversion.checkpoint import (
 from vlmamba.conversion.convert_mamba_ssm import convert_raw_weights, is_raw_mamba_ssm
 from vlmamba.conversion.hub_folder import MAX_SHARD_SIZE, check_output_dir, save_folder
 from vlmamba.model_cards import hub_ids, write_card
-
-from modeling_vlmamba import VLMambaConfig, VLMambaForConditionalGeneration, VLMambaProcessor
-from modeling_vlmamba.configuration_vlmamba import PROJECTOR_TYPES, SCAN_TYPES
-from modeling_vlmamba.processing_vlmamba import IMAGE_ASPECT_RATIOS, IMAGE_TOKEN, PAD_TOKEN
-from vlmamba.cli import run_tool
 
 FULL_MODEL_TYPES = {"siglip": "siglip_vision_model", "clip": "clip_vision_model"}
 # transformers' Mamba (MambaForCausalLM) names -> VL-Mamba names. Old checkpoints say `embedding`, not `embeddings`.

@@ -16,6 +16,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from transformers import AutoProcessor
+
+from modeling_vlmamba import VLMambaConfig, VLMambaForConditionalGeneration
+from vlmamba.cli import run_tool
 from vlmamba.conversion.checkpoint import (
     CONNECTOR,
     ConversionError,
@@ -38,9 +41,6 @@ from vlmamba.conversion.compose import assemble, vision_source
 from vlmamba.conversion.convert_mamba_ssm import mamba_config_from_raw
 from vlmamba.conversion.hub_folder import MAX_SHARD_SIZE, check_output_dir, save_folder
 from vlmamba.model_cards import hub_ids, read_card_data, write_card
-
-from modeling_vlmamba import VLMambaConfig, VLMambaForConditionalGeneration
-from vlmamba.cli import run_tool
 
 # LLaVA's `mlp2x_gelu` is Sequential(Linear, GELU, Linear): indices 0 and 2 hold the weights.
 MM_PROJECTOR_KEYS = KeyMap(

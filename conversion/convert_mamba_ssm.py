@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, MambaConfig, MambaForCausalLM
+
+from vlmamba.cli import run_tool
 from vlmamba.conversion.checkpoint import (
     ConversionError,
     KeyMap,
@@ -31,8 +33,6 @@ from vlmamba.conversion.checkpoint import (
     verify_folder,
 )
 from vlmamba.conversion.hub_folder import MAX_SHARD_SIZE, check_output_dir, save_folder
-
-from vlmamba.cli import run_tool
 
 # mamba_ssm `ssm_cfg` (Mamba-1 mixer arguments) -> transformers MambaConfig fields.
 SSM_CFG_FIELDS = {

@@ -19,9 +19,9 @@ from pathlib import Path
 from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
-from vlmamba.model_cards import read_card_data, write_card
 
 from vlmamba.cli import run_tool
+from vlmamba.model_cards import read_card_data, write_card
 
 CODE_FILES = ("configuration_vlmamba.py", "decode_kernels.py", "modeling_vlmamba.py", "processing_vlmamba.py")
 REQUIRED_FILES = (

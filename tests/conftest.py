@@ -2,10 +2,10 @@
 
 import pytest
 from PIL import Image
-from vlmamba.training.tiny import SAMPLE_TEXT, tiny_config, tiny_model, tiny_processor
-from vlmamba.training.tokenizer import train_gpt_neox_tokenizer
 
 from modeling_vlmamba import VLMambaConfig, VLMambaForConditionalGeneration, VLMambaProcessor
+from vlmamba.training.tiny import SAMPLE_TEXT, tiny_config, tiny_model, tiny_processor
+from vlmamba.training.tokenizer import train_gpt_neox_tokenizer
 
 
 def make_image(size: tuple[int, int] = (24, 16), color=(200, 30, 30), mode: str = "RGB") -> Image.Image:

@@ -1,8 +1,8 @@
 import pytest
 from transformers import AutoConfig, CLIPVisionConfig, MambaConfig, SiglipVisionConfig
-from vlmamba.training.tiny import TINY_CLIP, TINY_MAMBA, TINY_SIGLIP, tiny_config
 
 from modeling_vlmamba import VLMambaConfig
+from vlmamba.training.tiny import TINY_CLIP, TINY_MAMBA, TINY_SIGLIP, tiny_config
 
 
 def test_defaults_are_the_papers_final_model():

@@ -1,9 +1,9 @@
 import pytest
 import torch
 from torch import nn
-from vlmamba.training.tiny import tiny_config
 
 from modeling_vlmamba import VisionSelectiveScan, VLMambaMultiModalProjector, cross_scan, merge_scans
+from vlmamba.training.tiny import tiny_config
 
 SCANS = {"bidirectional": 2, "cross": 4}
 

@@ -19,15 +19,6 @@ from transformers import (
     SiglipVisionConfig,
     SiglipVisionModel,
 )
-from vlmamba.conversion import compose as compose_module
-from vlmamba.conversion import convert_llava as convert_llava_module
-from vlmamba.conversion import convert_mamba_ssm as convert_mamba_ssm_module
-from vlmamba.conversion.checkpoint import ConversionError
-from vlmamba.conversion.compose import compose
-from vlmamba.conversion.convert_llava import convert_llava, load_mm_projector
-from vlmamba.conversion.convert_mamba_ssm import convert_mamba_ssm
-from vlmamba.training.tiny import SAMPLE_TEXT
-from vlmamba.training.tokenizer import train_gpt_neox_tokenizer
 
 from modeling_vlmamba import VLMambaForConditionalGeneration
 from tests.conftest import make_image
@@ -40,6 +31,15 @@ from tests.reference_models import (
     write_llava_mamba_checkpoint,
     write_mamba_ssm_checkpoint,
 )
+from vlmamba.conversion import compose as compose_module
+from vlmamba.conversion import convert_llava as convert_llava_module
+from vlmamba.conversion import convert_mamba_ssm as convert_mamba_ssm_module
+from vlmamba.conversion.checkpoint import ConversionError
+from vlmamba.conversion.compose import compose
+from vlmamba.conversion.convert_llava import convert_llava, load_mm_projector
+from vlmamba.conversion.convert_mamba_ssm import convert_mamba_ssm
+from vlmamba.training.tiny import SAMPLE_TEXT
+from vlmamba.training.tokenizer import train_gpt_neox_tokenizer
 
 # Two fp32 implementations of the same network (sequential reference scan vs transformers) differ by rounding.
 ATOL = 1e-4

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from vlmamba.training.tiny import TINY_SIGLIP, tiny_config, tiny_model, tiny_processor
 from vlmamba.training.tokenizer import train_gpt_neox_tokenizer
 
@@ -38,9 +39,8 @@ def run_forward(folder: Path, inputs: Path, out: Path, torch_path: bool) -> dict
 def test_vlmamba_kernels_match_the_pytorch_path(tmp_path):
     pytest.importorskip("mamba_ssm")
     pytest.importorskip("causal_conv1d")
-    from vlmamba.training.tiny import SAMPLE_TEXT
-
     from tests.conftest import make_image
+    from vlmamba.training.tiny import SAMPLE_TEXT
 
     tokenizer = train_gpt_neox_tokenizer(SAMPLE_TEXT)
     vision = {**TINY_SIGLIP, "hidden_size": 64, "image_size": 32}
@@ -78,6 +78,7 @@ def test_converted_mamba_ssm_gives_mamba_ssms_logits(tmp_path):
     from mamba_ssm.models.config_mamba import MambaConfig as RawConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
     from transformers import MambaForCausalLM
+
     from vlmamba.conversion.convert_mamba_ssm import convert_mamba_ssm, mamba_ssm_reference
 
     torch.manual_seed(0)

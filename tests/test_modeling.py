@@ -4,11 +4,11 @@ import json
 import pytest
 import torch
 from transformers.cache_utils import DynamicCache
-from vlmamba.training.tiny import TINY_CLIP, TINY_SIGLIP, tiny_config, tiny_model, tiny_processor
 
 from modeling_vlmamba import VLMambaForConditionalGeneration
 from modeling_vlmamba.modeling_vlmamba import ssm_matrices
 from tests.conftest import make_image, user_turn
+from vlmamba.training.tiny import TINY_CLIP, TINY_SIGLIP, tiny_config, tiny_model, tiny_processor
 
 # fp32 on CPU: cached and uncached paths differ only by summation order.
 ATOL = 1e-5

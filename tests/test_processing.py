@@ -3,10 +3,10 @@ import pytest
 import torch
 from PIL import Image
 from transformers import AutoProcessor
-from vlmamba.training.tiny import tiny_config, tiny_processor
 
 from modeling_vlmamba import DEFAULT_CHAT_TEMPLATE, VLMambaProcessor
 from tests.conftest import make_image, user_turn
+from vlmamba.training.tiny import tiny_config, tiny_processor
 
 RED = (200, 30, 30)
 

@@ -18,15 +18,15 @@ from transformers import (
     SiglipVisionConfig,
     SiglipVisionModel,
 )
+
+from tests.conftest import make_image
+from tests.isolated_load import MAX_NEW_TOKENS, chat_inputs, run_isolated
 from vlmamba.conversion.compose import compose
 from vlmamba.conversion.push_to_hub import PublishError, push_to_hub
 from vlmamba.model_cards import parameter_counts, render_card
 from vlmamba.training.sft import build_parser, train
 from vlmamba.training.synthetic import generate, texts
 from vlmamba.training.tokenizer import train_gpt_neox_tokenizer
-
-from tests.conftest import make_image
-from tests.isolated_load import MAX_NEW_TOKENS, chat_inputs, run_isolated
 
 VISION = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4}
 VISION |= {"image_size": 16, "patch_size": 4}

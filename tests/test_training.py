@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
+
+from tests.conftest import make_image
 from vlmamba.conversion.hub_folder import save_folder
 from vlmamba.training.data import DataError, VisionCollator, read_llava_json
 from vlmamba.training.sft import (
@@ -21,8 +23,6 @@ from vlmamba.training.sft import (
 from vlmamba.training.synthetic import generate, texts
 from vlmamba.training.tiny import tiny_config, tiny_model, tiny_processor
 from vlmamba.training.tokenizer import train_gpt_neox_tokenizer
-
-from tests.conftest import make_image
 
 # The same run twice on CPU is bitwise reproducible; resuming reloads fp32 weights and optimizer states exactly.
 RESUME_ATOL = 1e-6

@@ -19,6 +19,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+
+from modeling_vlmamba import VLMambaForConditionalGeneration
+from vlmamba.cli import run_tool
 from vlmamba.conversion.hub_folder import save_folder
 from vlmamba.model_cards import read_card_data, write_card
 from vlmamba.training.data import content_blocks
@@ -27,9 +30,6 @@ from vlmamba.training.sft import build_parser, train
 from vlmamba.training.synthetic import CHANCE, generate, texts
 from vlmamba.training.tiny import tiny_config, tiny_model, tiny_processor
 from vlmamba.training.tokenizer import train_gpt_neox_tokenizer
-
-from modeling_vlmamba import VLMambaForConditionalGeneration
-from vlmamba.cli import run_tool
 
 # 32 px scenes in 8 px patches: a 4x4 grid, so each cell of the scene's 2x2 layout is 2x2 patches.
 DEMO_VISION = {

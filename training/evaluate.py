@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
-from vlmamba.conversion.checkpoint import check_source
-from vlmamba.training.data import read_llava_json
 
 from vlmamba.cli import run_tool
+from vlmamba.conversion.checkpoint import check_source
+from vlmamba.training.data import read_llava_json
 
 
 def normalise(answer: str) -> str:

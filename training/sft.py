@@ -24,12 +24,12 @@ from peft import LoraConfig
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
+
+from vlmamba.cli import run_tool
 from vlmamba.conversion.checkpoint import CONNECTOR, DTYPES, LANGUAGE_MODEL, VISION_TOWER, check_source
 from vlmamba.conversion.hub_folder import save_folder
 from vlmamba.model_cards import hub_ids, read_card_data, write_card
 from vlmamba.training.data import VisionCollator, load_hf_dataset, read_llava_json
-
-from vlmamba.cli import run_tool
 
 # LLaVA-1.5 (scripts/v1_5/pretrain.sh, finetune.sh): the global batch is split over devices and accumulation.
 PRESETS = {

@@ -10,13 +10,13 @@ from collections.abc import Iterable
 import torch
 from transformers import CLIPImageProcessorPil, PreTrainedTokenizerBase, SiglipImageProcessorPil
 from transformers.image_processing_utils import BaseImageProcessor
+
+from modeling_vlmamba import VLMambaConfig, VLMambaForConditionalGeneration, VLMambaProcessor
+from vlmamba.cli import run_tool
 from vlmamba.conversion.convert_mamba_ssm import pad_vocab_size
 from vlmamba.conversion.hub_folder import save_folder
 from vlmamba.model_cards import write_card
 from vlmamba.training.tokenizer import IMAGE_TOKEN, train_gpt_neox_tokenizer
-
-from modeling_vlmamba import VLMambaConfig, VLMambaForConditionalGeneration, VLMambaProcessor
-from vlmamba.cli import run_tool
 
 # A 4x4 patch grid (16 px images, 4 px patches), two encoder layers.
 TINY_SIGLIP = {
