@@ -139,6 +139,7 @@ def assemble(
         AutoImageProcessor.from_pretrained(vision_dir, backend="pil"),
         tokenizer,
         image_seq_length=config.image_seq_length,
+        patch_size=config.vision_config.patch_size,
         image_aspect_ratio=image_aspect_ratio,
     )
     return config, processor

@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Aut
 
 from .configuration_vlmamba import VLMambaConfig
 from .modeling_vlmamba import (
+    LORA_TARGET_MODULES,
     VisionSelectiveScan,
     VLMambaForConditionalGeneration,
     VLMambaModel,
@@ -30,6 +31,7 @@ VLMambaProcessor.register_for_auto_class()
 
 __all__ = [
     "DEFAULT_CHAT_TEMPLATE",
+    "LORA_TARGET_MODULES",
     "VLMambaConfig",
     "VLMambaForConditionalGeneration",
     "VLMambaModel",

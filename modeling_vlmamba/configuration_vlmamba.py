@@ -17,6 +17,15 @@ AUTO_MAP = {
 }
 
 
+def vision_attention(attn_implementation: str | dict | None) -> str | dict | None:
+    """Where an `attn_implementation` applies: a single one to this config and the vision tower, never to the Mamba
+    language model, which has no attention and rejects every implementation but its own; a dict, per sub-config, is
+    kept as given."""
+    if isinstance(attn_implementation, dict):
+        return attn_implementation
+    return {"": attn_implementation, "vision_config": attn_implementation}
+
+
 class VLMambaConfig(PreTrainedConfig):
     r"""
     Configuration of a VL-Mamba model (Qiao et al., 2024, arXiv 2403.13600): a vision encoder, a multimodal
@@ -99,8 +108,18 @@ class VLMambaConfig(PreTrainedConfig):
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
 
+    @property
+    def _attn_implementation(self) -> str | None:
+        return self._attn_implementation_internal
+
+    @_attn_implementation.setter
+    def _attn_implementation(self, value: str | dict | None) -> None:
+        PreTrainedConfig._attn_implementation.fset(self, vision_attention(value))
+
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        if self.vision_config.model_type == "siglip_vision_model":
+            self.vision_config.vision_use_head = False  # VL-Mamba uses patch features, never SigLIP's pooling head
         # A Hub repo may point its auto_map at code in another repo ("owner/repo--module.Class"): keep it.
         self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
         # Tying is decided by the top-level flag, but Mamba checkpoints carry it in the text config.

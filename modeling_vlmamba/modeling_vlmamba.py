@@ -23,11 +23,17 @@ from transformers.models.mamba.modeling_mamba import (
 from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.import_utils import torch_compilable_check
+from transformers.utils.output_capturing import selected_hidden_states
 
-from .configuration_vlmamba import VLMambaConfig
+from .configuration_vlmamba import VLMambaConfig, vision_attention
 from .decode_kernels import add_rms_norm
 
 IGNORE_INDEX = -100
+# PEFT LoRA `target_modules` for the language model: on Mamba-1, `in_proj` is the one projection every path (the fused
+# training kernel, prefill, the decode step) calls as a module; the others are read as raw weights by the kernels, so
+# adapters on them would train in one path and be ignored in another. The pattern leaves out the connector's own
+# Mamba mixer and the vision tower.
+LORA_TARGET_MODULES = r".*language_model.*\.in_proj"
 # CUDA graphs kept for decoding (one per batch size); the oldest is dropped beyond this.
 MAX_DECODE_GRAPHS = 8
 
@@ -180,12 +186,43 @@ class VLMambaCausalLMOutput(ModelOutput):
     image_hidden_states: torch.FloatTensor | None = None
 
 
+def keep_requested_states(
+    hidden_states: tuple[torch.Tensor | None, ...] | None, requested: bool | int | list[int] | None
+) -> tuple[torch.Tensor | None, ...] | None:
+    """The hidden states a caller asked for with `output_hidden_states`: all of them for `True`, only the indexed
+    ones for an index or a list of indices (the others `None`, as transformers' output capturing returns them), and
+    none for `False` or `None`."""
+    selected = selected_hidden_states(requested)
+    if hidden_states is None or selected is None:
+        return hidden_states if requested else None
+    count = len(hidden_states)
+    keep = {index % count for index in selected if -count <= index < count}
+    return tuple(state if index in keep else None for index, state in enumerate(hidden_states))
+
+
 class VLMambaPreTrainedModel(PreTrainedModel):
     config: VLMambaConfig
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _is_stateful = True
+    # What the vision tower supports (the Mamba language model has no attention; see `vision_attention`).
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # For custom code, transformers' `_initialize_weights` skips every module without parameters of its own (for
+        # remote code that writes weights in place), so SigLIP's attention and MLP blocks, which SigLIP initialises at
+        # that level, would get nn.Linear's defaults when missing from a checkpoint. Every `_init_weights` here goes
+        # through `transformers.initialization`, which tracks what a checkpoint filled, as in-library models do.
+        return False
+
+    def set_attn_implementation(self, attn_implementation: str | dict, allow_all_kernels: bool = False) -> None:
+        """`attn_implementation` for the vision tower (a plain string), or per sub-config (a dict)."""
+        super().set_attn_implementation(vision_attention(attn_implementation), allow_all_kernels=allow_all_kernels)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -204,6 +241,20 @@ class VLMambaPreTrainedModel(PreTrainedModel):
         # FSDP's auto-wrap refuses any class name it cannot find in the model.
         built = {type(module).__name__ for module in self.modules()}
         self._no_split_modules = {name for name in self._no_split_modules if name in built}
+
+
+def image_token_mismatch(num_tokens: int, num_images: int, per_image: int) -> str:
+    """The error for inputs whose image tokens cannot hold `num_images` images of `per_image` tokens each: either the
+    images do not match the placeholders, or the processor expands each placeholder to another count."""
+    other_count = num_tokens // num_images if num_images and num_tokens % num_images == 0 else None
+    expanded = f" (here {other_count} per image)" if other_count not in (None, per_image) else ""
+    return (
+        f"The inputs hold {num_tokens} image tokens, but {num_images} images need {num_images * per_image} "
+        f"(the config's image_seq_length={per_image} each). Pass one image per <image> placeholder, and build the "
+        f"inputs with this model's processor (AutoProcessor.from_pretrained of its folder, or VLMambaProcessor(..., "
+        f"image_seq_length={per_image})): a processor built for another vision encoder or image size expands each "
+        f"<image> to another number of tokens{expanded}."
+    )
 
 
 class VLMambaModel(VLMambaPreTrainedModel):
@@ -232,42 +283,54 @@ class VLMambaModel(VLMambaPreTrainedModel):
                 f"(num_images, {', '.join(map(str, expected))}). Prepare images with VLMambaProcessor."
             )
 
-    def get_image_features(
-        self, pixel_values: torch.FloatTensor, return_dict: bool = True
-    ) -> BaseModelOutputWithPooling:
+    @can_return_tuple
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
         """Encode images and project them into the language model's embedding space.
 
         Args:
             pixel_values: `(num_images, channels, height, width)` at the vision config's `image_size`.
+            kwargs: passed to the vision tower (`output_hidden_states` as a flag or as layer indices,
+                `output_attentions`, ...); `return_dict=False` (or `config.return_dict=False`) returns a tuple.
 
         Returns:
             `BaseModelOutputWithPooling` of the vision tower whose `pooler_output` holds the connector output,
-            `(num_images, image_seq_length, text_hidden_size)`.
+            `(num_images, image_seq_length, text_hidden_size)`, and whose `hidden_states` are those asked for.
         """
         self._check_pixel_values(pixel_values)
         layers = self.config.vision_feature_layer
         layers = [layers] if isinstance(layers, int) else list(layers)
-        # Asking for the selected layers only keeps the other hidden states from being stored.
+        requested = kwargs.pop("output_hidden_states", None)
+        # Capture the selected layers (and those the caller asked for) only: the others are never stored.
+        capture = True if requested is True else layers + (selected_hidden_states(requested) or [])
         outputs = self.vision_tower(
-            pixel_values.to(self.vision_tower.dtype), output_hidden_states=layers, return_dict=True
+            pixel_values.to(self.vision_tower.dtype), output_hidden_states=capture, return_dict=True, **kwargs
         )
         features = torch.cat([outputs.hidden_states[layer] for layer in layers], dim=-1)
         if self.config.vision_feature_select_strategy == "default":
             features = features[:, 1:]
         outputs.pooler_output = self.multi_modal_projector(features)
-        return outputs if return_dict else outputs.to_tuple()
+        outputs.hidden_states = keep_requested_states(outputs.hidden_states, requested)
+        return outputs
 
-    def get_placeholder_mask(self, input_ids: torch.LongTensor, image_features: torch.Tensor) -> torch.BoolTensor:
-        """`(batch, seq)` mask of the image-token positions; raises if they cannot hold `image_features` exactly."""
-        mask = input_ids == self.config.image_token_id
+    def get_placeholder_mask(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.FloatTensor,
+        image_features: torch.Tensor,
+    ) -> torch.BoolTensor:
+        """`(batch, seq)` mask of the image-token positions, found by id, or without `input_ids` by the image token's
+        embedding (as Llava does); raises if they cannot hold `image_features` exactly."""
+        if input_ids is None:
+            image_embedding = self.get_input_embeddings()(
+                torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
+            )
+            mask = (inputs_embeds == image_embedding.to(inputs_embeds.dtype)).all(-1)
+        else:
+            mask = input_ids == self.config.image_token_id
         num_images, per_image = image_features.shape[:2]
         torch_compilable_check(
             mask.sum() == num_images * per_image,
-            lambda: (
-                f"input_ids hold {int(mask.sum())} image tokens but {num_images} images need "
-                f"{num_images * per_image} ({per_image} per image). Build inputs with VLMambaProcessor, which "
-                f"expands each <image> placeholder to {per_image} image tokens."
-            ),
+            lambda: image_token_mismatch(int(mask.sum()), num_images, per_image),
         )
         return mask
 
@@ -289,7 +352,10 @@ class VLMambaModel(VLMambaPreTrainedModel):
             input_ids: `(batch, seq)` token ids, each image expanded to `image_seq_length` image tokens.
             pixel_values: `(num_images, channels, height, width)`, images in the order of their placeholders.
             attention_mask: `(batch, seq)`, 0 on (left) padding; pad positions are zeroed inside the Mamba layers.
-            inputs_embeds: `(batch, seq, hidden)` instead of `input_ids` (text only: image positions are found by id).
+            inputs_embeds: `(batch, seq, hidden)` instead of `input_ids`; image positions are then those holding the
+                image token's embedding.
+            output_hidden_states: the language model's hidden states after every layer (`True`), or only those of
+                the given layer index or indices (the others `None`).
             cache_params: states from a previous call; `input_ids` then holds only the new tokens.
             mm_encoder_outputs: `{"image": get_image_features(pixel_values)}` computed beforehand, instead of
                 `pixel_values` (`generate` encodes the images once this way, before the prefill).
@@ -304,14 +370,12 @@ class VLMambaModel(VLMambaPreTrainedModel):
 
         image_features = None
         if pixel_values is not None:
-            image_features = self.get_image_features(pixel_values).pooler_output
+            image_features = self.get_image_features(pixel_values, return_dict=True).pooler_output
         elif mm_encoder_outputs and mm_encoder_outputs.get("image") is not None:
             image_features = mm_encoder_outputs["image"].pooler_output
         if image_features is not None:
-            if input_ids is None:
-                raise ValueError("Images need input_ids to locate their image tokens; pass input_ids.")
-            mask = self.get_placeholder_mask(input_ids, image_features).unsqueeze(-1).to(inputs_embeds.device)
-            inputs_embeds = inputs_embeds.masked_scatter(mask, image_features.to(inputs_embeds))
+            mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
+            inputs_embeds = inputs_embeds.masked_scatter(mask.unsqueeze(-1), image_features.to(inputs_embeds))
         elif input_ids is not None and input_ids.shape[1] > 1:
             # Prompts only: generation never samples the image token (suppress_tokens), and checking every
             # one-token decode step would cost a device synchronisation each.
@@ -329,13 +393,15 @@ class VLMambaModel(VLMambaPreTrainedModel):
             attention_mask=attention_mask,
             cache_params=cache_params,
             use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
+            output_hidden_states=None if output_hidden_states is None else bool(output_hidden_states),
             return_dict=True,
         )
         return VLMambaModelOutput(
             last_hidden_state=outputs.last_hidden_state,
             cache_params=outputs.cache_params,
-            hidden_states=outputs.hidden_states,
+            hidden_states=keep_requested_states(
+                outputs.hidden_states, True if output_hidden_states is None else output_hidden_states
+            ),
             image_hidden_states=image_features,
         )
 
@@ -531,10 +597,21 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
-    def get_image_features(
-        self, pixel_values: torch.FloatTensor, return_dict: bool = True
-    ) -> BaseModelOutputWithPooling:
-        return self.model.get_image_features(pixel_values, return_dict=return_dict)
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.language_model
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.vision_tower
+
+    @property
+    def multi_modal_projector(self) -> VLMambaMultiModalProjector:
+        return self.model.multi_modal_projector
+
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
+        """See `VLMambaModel.get_image_features`."""
+        return self.model.get_image_features(pixel_values, **kwargs)
 
     @can_return_tuple
     def forward(
@@ -705,6 +782,7 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
 
 
 __all__ = [
+    "LORA_TARGET_MODULES",
     "DecodeAhead",
     "DecodeGraph",
     "mamba_decode_step",

@@ -74,6 +74,20 @@ def expand_to_square(image: PIL.Image.Image, background: tuple[int, int, int]) -
     return square
 
 
+def output_size(image_processor) -> tuple[int, int]:
+    """(height, width) of the images `image_processor` outputs: its crop size where it crops, else its size."""
+    size = image_processor.crop_size if getattr(image_processor, "do_center_crop", False) else image_processor.size
+    size = dict(size or {})
+    if "height" in size and "width" in size:
+        return size["height"], size["width"]
+    if "shortest_edge" in size:  # square outputs only come from a crop; without one, the side is the shortest edge
+        return size["shortest_edge"], size["shortest_edge"]
+    raise ValueError(
+        f"Cannot tell the output size of {type(image_processor).__name__} (size={size}): pass image_seq_length, "
+        "the model config's value."
+    )
+
+
 def load_rgb_image(image) -> PIL.Image.Image:
     """A PIL image, a local path, an http(s) URL, a `data:image/...;base64,` URI, or an (H, W, C) / (C, H, W)
     array or tensor -> an RGB PIL image."""
@@ -108,7 +122,10 @@ class VLMambaProcessor(ProcessorMixin):
     Args:
         image_processor: the vision encoder's image processor (e.g. `SiglipImageProcessorPil`).
         tokenizer: a GPT-NeoX tokenizer in which `image_token` is a single (special) token.
-        image_seq_length (`int`, defaults to 729): tokens per image after the connector (the model config's value).
+        image_seq_length (`int`, *optional*): tokens per image after the connector, the model config's
+            `image_seq_length`. Derived when not given: one token per patch of the image processor's output size in
+            `patch_size` patches (729 for SigLIP at 384 px, 576 for CLIP at 336 px).
+        patch_size (`int`, defaults to 14): the vision encoder's patch size, to derive `image_seq_length`.
         image_aspect_ratio (`str`, defaults to `"pad"`): `"pad"` pads each image to a square with the image
             processor's mean colour before resizing (LLaVA-1.5); `"resize"` hands it to the image processor as it is.
         image_token (`str`, defaults to `"<image>"`): the placeholder token.
@@ -119,7 +136,8 @@ class VLMambaProcessor(ProcessorMixin):
         self,
         image_processor=None,
         tokenizer=None,
-        image_seq_length: int = 729,
+        image_seq_length: int | None = None,
+        patch_size: int = 14,
         image_aspect_ratio: str = "pad",
         image_token: str = IMAGE_TOKEN,
         chat_template: str | None = None,
@@ -130,8 +148,16 @@ class VLMambaProcessor(ProcessorMixin):
                 f"image_aspect_ratio={image_aspect_ratio!r} is not supported; valid choices: "
                 f"{', '.join(IMAGE_ASPECT_RATIOS)}."
             )
-        if not isinstance(image_seq_length, int) or image_seq_length < 1:
-            raise ValueError(f"image_seq_length must be a positive integer, got {image_seq_length!r}.")
+        if not isinstance(patch_size, int) or isinstance(patch_size, bool) or patch_size < 1:
+            raise ValueError(f"patch_size must be a positive integer, got {patch_size!r}.")
+        if image_seq_length is None:
+            height, width = output_size(image_processor)
+            image_seq_length = (height // patch_size) * (width // patch_size)
+        if not isinstance(image_seq_length, int) or isinstance(image_seq_length, bool) or image_seq_length < 1:
+            raise ValueError(
+                f"image_seq_length must be a positive integer (the model config's image_seq_length), got "
+                f"{image_seq_length!r}."
+            )
         token_ids = tokenizer.encode(image_token, add_special_tokens=False)
         if len(token_ids) != 1:
             raise ValueError(
@@ -139,28 +165,53 @@ class VLMambaProcessor(ProcessorMixin):
                 f"Add it with tokenizer.add_tokens([{image_token!r}], special_tokens=True)."
             )
         self.image_seq_length = image_seq_length
+        self.patch_size = patch_size
         self.image_aspect_ratio = image_aspect_ratio
         self.image_token = image_token
         self.image_token_id = token_ids[0]
         super().__init__(image_processor, tokenizer, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE)
 
     def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
-        images = None if images is None else [self._prepare_image(image) for image in _flatten(images)]
         _, text, videos, audio = super().prepare_inputs_layout(text=text, videos=videos, audio=audio, **kwargs)
         if text is not None and any(not sample.strip() for sample in text):
             raise ValueError("Got an empty text prompt; every sample needs text (e.g. '<image>\\nDescribe it.').")
+        if images is not None:
+            # Images nested per sample (`[[a, b], [c]]`) keep their nesting until `validate_inputs` has checked them.
+            per_sample = (
+                isinstance(images, (list, tuple))
+                and images
+                and all(isinstance(item, (list, tuple)) for item in images)
+            )
+            images = (
+                [[self._prepare_image(image) for image in _flatten(sample)] for sample in images]
+                if per_sample
+                else [self._prepare_image(image) for image in _flatten(images)]
+            )
         return images, text, videos, audio
 
     def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs):
         if text is not None:
-            num_placeholders = sum(sample.count(self.image_token) for sample in text)
-            num_images = 0 if images is None else len(images)
-            if num_placeholders != num_images:
+            counts = [sample.count(self.image_token) for sample in text]
+            nested = images is not None and all(isinstance(sample, list) for sample in images)
+            if nested and len(images) != len(text):
+                raise ValueError(f"Images are nested for {len(images)} samples but there are {len(text)} texts.")
+            if nested:
+                for index, (placeholders, sample) in enumerate(zip(counts, images, strict=True)):
+                    if placeholders != len(sample):
+                        raise ValueError(
+                            f"Sample {index} has {placeholders} {self.image_token} placeholders but {len(sample)} "
+                            f"images: put one {self.image_token} in its text for every image, in order."
+                        )
+            num_images = 0 if images is None else len(_flatten(images))
+            if sum(counts) != num_images:
                 raise ValueError(
-                    f"{num_placeholders} {self.image_token} placeholders but {num_images} images: put one "
+                    f"{sum(counts)} {self.image_token} placeholders but {num_images} images: put one "
                     f"{self.image_token} in the text for every image, in order."
                 )
         super().validate_inputs(images=images, text=text, videos=videos, audio=audio, **kwargs)
+
+    def _process_images(self, images, **kwargs):
+        return super()._process_images(_flatten(images), **kwargs)
 
     def _prepare_image(self, image) -> PIL.Image.Image:
         image = load_rgb_image(image)

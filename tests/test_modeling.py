@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicCache
 
-from modeling_vlmamba import VLMambaForConditionalGeneration
+from modeling_vlmamba import LORA_TARGET_MODULES, VLMambaForConditionalGeneration
 from modeling_vlmamba.modeling_vlmamba import ssm_matrices
 from tests.conftest import make_image, user_turn
 from vlmamba.training.tiny import TINY_CLIP, TINY_SIGLIP, tiny_config, tiny_model, tiny_processor
@@ -54,7 +54,9 @@ def test_labels_on_image_positions_never_count(model, processor, config):
 def test_image_token_and_image_count_mismatch_names_both(model, processor):
     inputs = chat_inputs(processor, ["What colour is the square?"])
     two_images = torch.cat([inputs["pixel_values"]] * 2)
-    with pytest.raises(ValueError, match=r"input_ids hold 16 image tokens but 2 images need 32 \(16 per image\)"):
+    with pytest.raises(
+        ValueError, match=r"inputs hold 16 image tokens, but 2 images need 32 \(the config's image_seq_length=16"
+    ):
         model(input_ids=inputs["input_ids"], pixel_values=two_images)
     with pytest.raises(ValueError, match="input_ids contain image tokens but no pixel_values"):
         model(input_ids=inputs["input_ids"])
@@ -210,7 +212,7 @@ def test_decode_graph_key_follows_the_peft_adapter_state(tokenizer):
     merging, switching or rescaling adapters changes the key on which `generate` decides to capture again."""
     from peft import LoraConfig, get_peft_model
 
-    targets = r".*language_model.*\.in_proj"
+    targets = LORA_TARGET_MODULES
     config = LoraConfig(r=4, target_modules=targets, modules_to_save=["multi_modal_projector"])  # as training.sft
     peft_model = get_peft_model(tiny_model(tiny_config(tokenizer)), config)
     model = peft_model.base_model.model

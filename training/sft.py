@@ -25,6 +25,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
+from modeling_vlmamba import LORA_TARGET_MODULES
 from vlmamba.cli import run_tool
 from vlmamba.conversion.checkpoint import CONNECTOR, DTYPES, LANGUAGE_MODEL, VISION_TOWER, check_source
 from vlmamba.conversion.hub_folder import save_folder
@@ -37,8 +38,6 @@ PRESETS = {
     2: {"learning_rate": 2e-5, "global_batch_size": 128, "per_device_batch_size": 16},
 }
 PATH_ARGUMENTS = ("model", "data", "dataset", "image_folder", "output_dir")
-# On Mamba-1 only `in_proj` is called as a module on every path (the fused kernel reads the other weights raw).
-LORA_TARGETS = r".*language_model.*\.in_proj"
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -127,7 +126,7 @@ def lora_config(args: argparse.Namespace) -> LoraConfig | None:
         r=args.lora_r,
         lora_alpha=args.lora_alpha or 2 * args.lora_r,
         lora_dropout=args.lora_dropout,
-        target_modules=LORA_TARGETS,
+        target_modules=LORA_TARGET_MODULES,
         modules_to_save=["multi_modal_projector"] + (["vision_tower"] if args.train_vision else []),
     )
 

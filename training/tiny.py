@@ -70,7 +70,13 @@ def image_processor_for(config: VLMambaConfig) -> BaseImageProcessor:
 
 
 def tiny_processor(tokenizer: PreTrainedTokenizerBase, config: VLMambaConfig, **kwargs) -> VLMambaProcessor:
-    return VLMambaProcessor(image_processor_for(config), tokenizer, image_seq_length=config.image_seq_length, **kwargs)
+    return VLMambaProcessor(
+        image_processor_for(config),
+        tokenizer,
+        image_seq_length=config.image_seq_length,
+        patch_size=config.vision_config.patch_size,
+        **kwargs,
+    )
 
 
 def tiny_model(config: VLMambaConfig, seed: int = 0) -> VLMambaForConditionalGeneration:
