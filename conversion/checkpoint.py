@@ -280,7 +280,7 @@ def check_source(name_or_path: str | Path, what: str = "Model") -> str:
         looks_local = True
     if looks_local:
         raise FileNotFoundError(
-            f"The {what} {name!r} does not exist: give an existing folder or a Hub repo id (ORG/NAME)."
+            f"{what} {name!r} does not exist: give an existing folder or a Hub repo id (ORG/NAME)."
         )
     return name
 

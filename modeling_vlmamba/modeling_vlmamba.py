@@ -308,9 +308,24 @@ class VLMambaModel(VLMambaPreTrainedModel):
         features = torch.cat([outputs.hidden_states[layer] for layer in layers], dim=-1)
         if self.config.vision_feature_select_strategy == "default":
             features = features[:, 1:]
-        outputs.pooler_output = self.multi_modal_projector(features)
-        outputs.hidden_states = keep_requested_states(outputs.hidden_states, requested)
-        return outputs
+        return BaseModelOutputWithPooling(
+            last_hidden_state=outputs.last_hidden_state,
+            pooler_output=self.multi_modal_projector(features),
+            hidden_states=keep_requested_states(outputs.hidden_states, requested),
+            attentions=outputs.attentions,
+        )
+
+    def image_token_mask(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.FloatTensor | None = None
+    ) -> torch.BoolTensor:
+        """`(batch, seq)` positions of the image token: by id, or without `input_ids` by the image token's embedding
+        in `inputs_embeds` (as Llava does)."""
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        image_embedding = self.get_input_embeddings()(
+            torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
+        )
+        return (inputs_embeds == image_embedding.to(inputs_embeds.dtype)).all(-1)
 
     def get_placeholder_mask(
         self,
@@ -318,15 +333,8 @@ class VLMambaModel(VLMambaPreTrainedModel):
         inputs_embeds: torch.FloatTensor,
         image_features: torch.Tensor,
     ) -> torch.BoolTensor:
-        """`(batch, seq)` mask of the image-token positions, found by id, or without `input_ids` by the image token's
-        embedding (as Llava does); raises if they cannot hold `image_features` exactly."""
-        if input_ids is None:
-            image_embedding = self.get_input_embeddings()(
-                torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
-            )
-            mask = (inputs_embeds == image_embedding.to(inputs_embeds.dtype)).all(-1)
-        else:
-            mask = input_ids == self.config.image_token_id
+        """`image_token_mask`, checked to hold `image_features` `(num_images, image_seq_length, hidden)` exactly."""
+        mask = self.image_token_mask(input_ids, inputs_embeds)
         num_images, per_image = image_features.shape[:2]
         torch_compilable_check(
             mask.sum() == num_images * per_image,
@@ -659,8 +667,7 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
-            if input_ids is not None:
-                labels = labels.masked_fill(input_ids == self.config.image_token_id, IGNORE_INDEX)
+            labels = labels.masked_fill(self.model.image_token_mask(input_ids, inputs_embeds), IGNORE_INDEX)
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )

@@ -107,3 +107,23 @@ def test_a_vision_scan_needs_exactly_the_patch_grid():
         image_token_id=5,
     )
     assert siglip_mlp.image_seq_length == 15
+
+
+def test_siglip_pooling_head_is_never_built(tmp_path):
+    """Whatever the SigLIP config says (a hand-built SiglipVisionConfig keeps transformers' vision_use_head=True)."""
+    from modeling_vlmamba import VLMambaForConditionalGeneration
+
+    vision = SiglipVisionConfig(**{k: v for k, v in TINY_SIGLIP.items() if k not in ("model_type", "vision_use_head")})
+    assert vision.vision_use_head is True
+    config = VLMambaConfig(vision_config=vision, text_config=dict(TINY_MAMBA), image_token_id=5)
+    for built in (
+        config,
+        VLMambaConfig(
+            vision_config={**TINY_SIGLIP, "vision_use_head": True}, text_config=dict(TINY_MAMBA), image_token_id=5
+        ),
+    ):
+        assert built.vision_config.vision_use_head is False
+        model = VLMambaForConditionalGeneration(built)
+        assert not any(".head." in name for name, _ in model.named_parameters())
+    config.save_pretrained(tmp_path)
+    assert VLMambaConfig.from_pretrained(tmp_path).vision_config.vision_use_head is False

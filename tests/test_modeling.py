@@ -338,3 +338,130 @@ def test_every_no_split_module_is_in_the_model(tokenizer, vision, encoder_layer)
     assert {"MambaBlock", encoder_layer} <= set(model._no_split_modules)
     for name in model._no_split_modules:
         assert get_module_class_from_name(model, name) is not None, name
+
+
+def test_get_image_features_takes_the_vision_towers_arguments_and_return_dict(model, processor, tokenizer):
+    """As Llava's: keyword arguments reach the vision tower, and `return_dict` (or `config.return_dict`) False
+    returns a tuple."""
+    pixel_values = chat_inputs(processor, ["What colour?"])["pixel_values"]
+    num_states = model.config.vision_config.num_hidden_layers + 1
+    with torch.no_grad():
+        plain = model.get_image_features(pixel_values)
+        every = model.get_image_features(pixel_values, output_hidden_states=True)
+        first = model.model.get_image_features(pixel_values, output_hidden_states=[0])
+        as_tuple = model.get_image_features(pixel_values, return_dict=False)
+    assert plain.hidden_states is None
+    assert len(every.hidden_states) == num_states and all(state is not None for state in every.hidden_states)
+    assert first.hidden_states[0] is not None and all(state is None for state in first.hidden_states[1:])
+    torch.testing.assert_close(first.hidden_states[0], every.hidden_states[0], rtol=0, atol=0)
+    for output in (every, first):
+        torch.testing.assert_close(output.pooler_output, plain.pooler_output, rtol=0, atol=0)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[1], plain.pooler_output)
+
+    config = tiny_config(tokenizer, attn_implementation="eager")  # attention weights come from eager attention
+    with torch.no_grad():
+        attentions = tiny_model(config).get_image_features(pixel_values, output_attentions=True).attentions
+    assert len(attentions) == config.vision_config.num_hidden_layers
+    config.return_dict = False
+    with torch.no_grad():
+        from_config = tiny_model(config).get_image_features(pixel_values)
+    assert isinstance(from_config, tuple)
+    torch.testing.assert_close(from_config[1], plain.pooler_output, rtol=0, atol=ATOL)  # eager vs sdpa attention
+
+
+def test_inputs_embeds_with_images_give_the_outputs_of_input_ids(model, processor):
+    """Without input_ids, the image positions are found by the image token's embedding (as Llava does)."""
+    inputs = chat_inputs(processor, ["What colour is the square at the top left?", "How many?"])
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        by_ids = model(**inputs, labels=labels)
+        by_embeds = model(
+            inputs_embeds=embeds,
+            pixel_values=inputs["pixel_values"],
+            attention_mask=inputs["attention_mask"],
+            labels=labels,
+        )
+    torch.testing.assert_close(by_embeds.logits, by_ids.logits, rtol=0, atol=0)
+    torch.testing.assert_close(by_embeds.loss, by_ids.loss, rtol=0, atol=0)  # image positions ignored in both
+    with pytest.raises(ValueError, match="inputs hold 16 image tokens, but 2 images need 32"):
+        model(inputs_embeds=embeds[:1], pixel_values=inputs["pixel_values"])
+
+
+def test_output_hidden_states_as_layer_indices_keeps_only_those(model, processor):
+    inputs = chat_inputs(processor, ["What colour?"])
+    with torch.no_grad():
+        every = model(**inputs, output_hidden_states=True).hidden_states
+        chosen = model(**inputs, output_hidden_states=[0, -1]).hidden_states
+        none = model(**inputs, output_hidden_states=False).hidden_states
+    assert none is None
+    assert len(chosen) == len(every) == model.config.text_config.num_hidden_layers + 1
+    assert [state is not None for state in chosen] == [True] + [False] * (len(every) - 2) + [True]
+    for index in (0, -1):
+        torch.testing.assert_close(chosen[index], every[index], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_attn_implementation_applies_to_the_vision_tower(model, processor, tmp_path, implementation):
+    """Like Llava's, and the Mamba language model (no attention) is left as it is instead of rejecting it."""
+    model.save_pretrained(tmp_path)
+    loaded = VLMambaForConditionalGeneration.from_pretrained(tmp_path, attn_implementation=implementation)
+
+    def implementations(m: VLMambaForConditionalGeneration) -> tuple[str, str, str]:
+        attention = m.vision_tower.encoder.layers[0].self_attn
+        return (
+            m.config._attn_implementation,
+            attention.config._attn_implementation,
+            m.language_model.config._attn_implementation,
+        )
+
+    assert implementations(loaded) == (implementation, implementation, "eager")
+    other = "eager" if implementation == "sdpa" else "sdpa"
+    loaded.set_attn_implementation(other)
+    assert implementations(loaded) == (other, other, "eager")
+    inputs = chat_inputs(processor, ["What colour?"])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=ATOL)
+    assert all(getattr(VLMambaForConditionalGeneration, f"_supports_{name}") for name in ("sdpa", "flash_attn"))
+
+
+def test_flash_attention_2_is_accepted_where_its_package_is(model, tmp_path):
+    """Without the flash-attn package the only complaint is its absence, never that the model does not support it."""
+    from transformers.utils import is_flash_attn_2_available
+
+    if is_flash_attn_2_available():
+        pytest.skip("flash-attn is installed: the GPU tests load with it")
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ImportError, match="the package for FlashAttention2 doesn't seem to be installed"):
+        VLMambaForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="flash_attention_2")
+
+
+def test_weights_missing_from_a_checkpoint_initialise_as_from_the_config(model, tmp_path):
+    """SigLIP initialises its attention and MLP at the block level (xavier-uniform weights, zero / 1e-6 biases);
+    transformers' custom-code branch skipped those blocks, leaving nn.Linear's own defaults when they were missing."""
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if ".vision_tower." not in k}, tmp_path / "model.safetensors")
+    torch.manual_seed(0)
+    loaded = VLMambaForConditionalGeneration.from_pretrained(tmp_path)
+
+    def block_init_holds(vision_tower) -> bool:
+        holds = []
+        for layer in vision_tower.encoder.layers:
+            for linear in (layer.self_attn.q_proj, layer.self_attn.out_proj, layer.mlp.fc1, layer.mlp.fc2):
+                fan_out, fan_in = linear.weight.shape
+                holds.append(linear.weight.abs().max() <= (6 / (fan_in + fan_out)) ** 0.5)
+            holds.append((layer.self_attn.q_proj.bias == 0).all())
+            holds.append(1e-7 < layer.mlp.fc1.bias.std() < 1e-5)  # normal(std=1e-6)
+        return all(holds)
+
+    assert block_init_holds(model.vision_tower)  # built from the config
+    assert block_init_holds(loaded.vision_tower)
+
+
+def test_generation_model_exposes_its_parts_as_llava_does(model):
+    assert model.language_model is model.model.language_model
+    assert model.vision_tower is model.model.vision_tower
+    assert model.multi_modal_projector is model.model.multi_modal_projector

@@ -145,3 +145,40 @@ def test_save_and_reload_round_trip(processor, tmp_path, tokenizer):
 def test_batch_decode_drops_special_tokens(processor):
     ids = processor(images=make_image(), text="<image>What colour?<|endoftext|>")["input_ids"]
     assert processor.batch_decode(ids, skip_special_tokens=True) == ["What colour?"]
+
+
+def test_a_processor_built_by_hand_expands_each_image_to_what_the_model_needs(tokenizer, config, model):
+    """image_seq_length follows from the image processor's output size and the patch size, never a fixed default;
+    a processor built for another encoder gives an error naming the config's image_seq_length."""
+    from transformers import CLIPImageProcessorPil, SiglipImageProcessorPil
+
+    siglip = VLMambaProcessor(
+        image_processor=SiglipImageProcessorPil(size={"height": 384, "width": 384}), tokenizer=tokenizer
+    )
+    assert siglip.image_seq_length == 729
+    clip = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    assert VLMambaProcessor(image_processor=clip, tokenizer=tokenizer).image_seq_length == 576
+    tiny_images = SiglipImageProcessorPil(size={"height": 16, "width": 16})
+    by_hand = VLMambaProcessor(image_processor=tiny_images, tokenizer=tokenizer, patch_size=4)
+    assert by_hand.image_seq_length == config.image_seq_length == 16
+    inputs = by_hand(images=[make_image()], text="<image>What colour?", return_tensors="pt")
+    assert (inputs["input_ids"] == config.image_token_id).sum() == 16
+    model(**inputs)
+
+    wrong = VLMambaProcessor(image_processor=tiny_images, tokenizer=tokenizer)  # SigLIP/CLIP's 14 px patches
+    inputs = wrong(images=[make_image()], text="<image>What colour?", return_tensors="pt")
+    with pytest.raises(ValueError, match=r"image_seq_length=16 each.*here 1 per image"):
+        model(**inputs)
+
+
+def test_images_nested_per_sample_are_checked_against_each_samples_placeholders(processor, config):
+    first, second, third = make_image(color=(250, 0, 0)), make_image(color=(0, 250, 0)), make_image(color=(0, 0, 250))
+    texts = ["<image><image>Compare them.", "<image>What colour?"]
+    with pytest.raises(ValueError, match="Sample 0 has 2 <image> placeholders but 1 images"):
+        processor(images=[[first], [second, third]], text=texts)
+    with pytest.raises(ValueError, match="nested for 1 samples but there are 2 texts"):
+        processor(images=[[first, second, third]], text=texts)
+    nested = processor(images=[[first, second], [third]], text=texts, padding=True, return_tensors="pt")
+    flat = processor(images=[first, second, third], text=texts, padding=True, return_tensors="pt")
+    torch.testing.assert_close(nested["pixel_values"], flat["pixel_values"], rtol=0, atol=0)
+    assert torch.equal(nested["input_ids"], flat["input_ids"])

@@ -20,19 +20,30 @@ def code_blocks(section: str, language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", section, re.DOTALL)
 
 
-def test_quickstart_runs_as_written(tmp_path):
+def test_quickstart_and_the_trl_peft_example_run_as_written(tmp_path):
+    """In a fresh directory, as a user would: the quickstart's commands, its Python, then the TRL + PEFT example."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "m")}
+    env.pop("PYTHONPATH", None)
+    vlmamba = Path(sys.executable).with_name("vlmamba")  # the console command of this environment
     section = marked_section("quickstart")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "m")}
     for command in code_blocks(section, "bash"):
-        subprocess.run(
-            command.replace("python ", f"{sys.executable} ", 1), shell=True, check=True, cwd=tmp_path, env=env
+        assert command.startswith("vlmamba ")
+        subprocess.run(command.replace("vlmamba ", f"{vlmamba} ", 1), shell=True, check=True, cwd=tmp_path, env=env)
+    (quickstart,) = code_blocks(section, "python")
+    (trl_peft,) = code_blocks(marked_section("trl-peft"), "python")
+    for block, expected in ((quickstart, "generated_text"), (trl_peft, "trainable params")):
+        result = subprocess.run(
+            [sys.executable, "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
         )
-    (python_block,) = code_blocks(section, "python")
-    result = subprocess.run(
-        [sys.executable, "-c", python_block], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "generated_text" in result.stdout
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert expected in result.stdout
+
+
+def test_readme_counts_the_code_files_a_saved_folder_carries():
+    from vlmamba.conversion.push_to_hub import CODE_FILES
+
+    assert len(CODE_FILES) == 4 and "carries the four code files" in README
+    assert all(f"`{name}`" in README for name in CODE_FILES)
 
 
 def test_ci_runs_the_readme_test_command():
