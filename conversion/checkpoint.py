@@ -16,6 +16,8 @@ from tqdm.auto import tqdm
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 
+from vlmamba.conversion.files import inside_folder
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Single files and sharded indexes, in the order they are looked for in a folder.
 WEIGHT_FILES = (
@@ -40,19 +42,40 @@ class ConversionError(ValueError):
 
 
 def read_json(path: Path) -> dict:
+    """The JSON object in `path`; a missing, unreadable or non-object file raises an error that names it."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found.")
-    return json.loads(path.read_text())
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConversionError(f"{path} is not valid UTF-8 JSON ({error}): repair it or download it again.") from None
+    if not isinstance(value, dict):
+        raise ConversionError(f"{path} must hold a JSON object, not a {type(value).__name__}.")
+    return value
 
 
 def _load_file(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        return load_file(path)
-    # Pickles from the Hub may execute code when loaded without weights_only.
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(path)
+        # Pickles from the Hub may execute code when loaded without weights_only.
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # safetensors, zipfile and unpickling errors share no base class
+        raise ConversionError(f"Cannot read the weights in {path} ({type(error).__name__}: {error}).") from None
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ConversionError(f"{path} does not hold a flat state dict of tensors.")
     return state_dict
+
+
+def shard_files(index: Path) -> list[Path]:
+    """The shard files a sharded checkpoint's index names, each checked to lie in the index's own folder."""
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+        raise ConversionError(f"{index} has no 'weight_map' of tensor names to shard files.")
+    outside = sorted({name for name in weight_map.values() if not inside_folder(name)})
+    if outside:
+        raise ConversionError(f"{index} names shard files outside its folder: {outside}.")
+    return [index.parent / name for name in sorted(set(weight_map.values()))]
 
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
@@ -64,8 +87,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         candidate = path / name
         if candidate.is_file():
             if name.endswith(".index.json"):
-                shards = sorted(set(read_json(candidate)["weight_map"].values()))
-                return {key: tensor for shard in shards for key, tensor in _load_file(path / shard).items()}
+                return {key: tensor for shard in shard_files(candidate) for key, tensor in _load_file(shard).items()}
             return _load_file(candidate)
     raise FileNotFoundError(f"No weights in {path}: looked for {', '.join(WEIGHT_FILES)}.")
 
@@ -120,15 +142,17 @@ def convert_state_dict(
     Every source tensor is used exactly once (or dropped on purpose), every target tensor is filled, and shapes
     and dtype kinds match. `tied` maps target names the model ties (e.g. `lm_head.weight`) to the name they share
     storage with: a source copy of such a tensor must equal it and is then left to the model's tying.
-    Floating tensors are cast to `dtype` when given. Raises `ConversionError` listing every problem at once.
+    Floating tensors are all cast to `dtype`, by default to the source's own (`dominant_dtype`), so that the output
+    is uniform; source tensors must be finite, and must stay finite in that dtype. Raises `ConversionError` listing
+    every problem at once.
     """
     tied = tied or {}
+    used = {key: tensor for key, tensor in source.items() if not key_map.drops(key)}
+    dtype = dtype or dominant_dtype(used.values())
     converted: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
-    unexpected, duplicated, misshaped = [], [], []
-    for key in tqdm(sorted(source), desc=description, unit="tensor"):
-        if key_map.drops(key):
-            continue
+    unexpected, duplicated, misshaped, not_finite, overflowing = [], [], [], [], []
+    for key in tqdm(sorted(used), desc=description, unit="tensor"):
         target = key_map.rename(key)
         if target is None or target not in expected:
             unexpected.append(key if target is None else f"{key} (-> {target}, not in the target model)")
@@ -142,7 +166,19 @@ def convert_state_dict(
                 f"{key} -> {target}: {tensor.dtype} {tuple(tensor.shape)}, expected {want.dtype} {tuple(want.shape)}"
             )
             continue
-        converted[target] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+        if tensor.is_floating_point():
+            if not torch.isfinite(tensor).all():
+                not_finite.append(f"{key}: {int((~torch.isfinite(tensor)).sum())} NaN or infinite values")
+                continue
+            cast = tensor.to(dtype)
+            if not torch.isfinite(cast).all():
+                overflowing.append(
+                    f"{key}: |values| up to {tensor.abs().max().item():.3g} ({dtype} holds at most "
+                    f"{torch.finfo(dtype).max:.3g})"
+                )
+                continue
+            tensor = cast
+        converted[target] = tensor
         origin[target] = key
 
     differing_ties = []
@@ -159,11 +195,22 @@ def convert_state_dict(
         "mapped twice": duplicated,
         "wrong shape or dtype": misshaped,
         "broken ties": differing_ties,
+        "not finite in the source": not_finite,
+        f"overflowing {dtype} (convert to a wider --dtype, e.g. bfloat16 or float32)": overflowing,
     }
     if any(problems.values()):
         lines = [f"{len(keys)} {what}:\n  " + _first(keys) for what, keys in problems.items() if keys]
         raise ConversionError("The checkpoint does not match the target model.\n" + "\n".join(lines))
     return converted
+
+
+def dominant_dtype(tensors: Iterable[torch.Tensor]) -> torch.dtype | None:
+    """The floating dtype holding most of the values among `tensors` (a checkpoint's own dtype), or None."""
+    counts: dict[torch.dtype, int] = {}
+    for tensor in tensors:
+        if tensor.is_floating_point():
+            counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
+    return max(counts, key=counts.get) if counts else None
 
 
 def _first(keys: list[str], shown: int = 12) -> str:

@@ -37,6 +37,7 @@ from vlmamba.conversion.checkpoint import (
     build_model,
     compare_logits,
     convert_state_dict,
+    dominant_dtype,
     expected_tensors,
     parse_dtype,
     random_token_ids,
@@ -180,9 +181,12 @@ def compose(
     )
     expected = expected_tensors(VLMambaForConditionalGeneration, config)
     tied = tied_keys(VLMambaForConditionalGeneration, config)
+    vision_weights = read_checkpoint(vision_dir)
+    # One dtype for the whole model (by default the sources' own), the fresh connector included.
+    dtype = dtype or dominant_dtype([*vision_weights.values(), *llm_weights.values()])
     state_dict = {}
     for name, prefixes, source, key_map in (
-        ("vision encoder", (VISION_TOWER,), read_checkpoint(vision_dir), vision_keys),
+        ("vision encoder", (VISION_TOWER,), vision_weights, vision_keys),
         ("language model", LANGUAGE_MODEL, llm_weights, LANGUAGE_MODEL_KEYS),
     ):
         part = {key: tensor for key, tensor in expected.items() if key.startswith(prefixes)}
@@ -190,8 +194,7 @@ def compose(
             source, key_map, part, tied=tied, dtype=dtype, description=f"Placing the {name}"
         )
     model = build_model(VLMambaForConditionalGeneration, config, state_dict, initialize=[CONNECTOR], seed=seed)
-    if dtype is not None:
-        model.to(dtype)  # the fresh connector too
+    model.to(dtype)
 
     input_ids = random_token_ids(config.text_config.vocab_size)
     input_ids = input_ids.masked_fill(input_ids == config.image_token_id, 0)  # text only: no image placeholders
@@ -209,7 +212,7 @@ def compose(
         source_tower = type(model.model.vision_tower).from_pretrained(vision_dir, dtype=torch.float32).to(device)
         vision_states = source_tower(pixel_values.to(device), output_hidden_states=True).hidden_states
     del source_llm, source_tower
-    weights_dtype = dtype or torch.float32
+    weights_dtype = dtype
 
     def verify(folder: Path) -> None:
         composed = verify_folder(

@@ -28,6 +28,7 @@ from vlmamba.conversion.checkpoint import (
     build_model,
     compare_logits,
     convert_state_dict,
+    dominant_dtype,
     expected_tensors,
     parse_dtype,
     random_token_ids,
@@ -107,7 +108,13 @@ def convert_llava(
     checkpoint_dir = resolve_folder(checkpoint_dir, "Checkpoint")
     raw = read_json(checkpoint_dir / "config.json")
     options = llava_options(raw)
-    vision_dir = resolve_folder(vision or raw["mm_vision_tower"], "Vision tower")
+    vision = vision or raw.get("mm_vision_tower")
+    if not isinstance(vision, str | Path):
+        raise ConversionError(
+            f"{checkpoint_dir / 'config.json'} names no mm_vision_tower: pass the vision tower the checkpoint was "
+            "trained with (--vision, e.g. openai/clip-vit-large-patch14-336)."
+        )
+    vision_dir = resolve_folder(vision, "Vision tower")
     vision_config, vision_keys = vision_source(vision_dir)
     tokenizer_dir = resolve_folder(tokenizer, "Tokenizer") if tokenizer else checkpoint_dir
     config, processor = assemble(vision_dir, vision_config, mamba_config_from_raw(raw), tokenizer_dir, **options)
@@ -135,10 +142,15 @@ def convert_llava(
 
     def verify(folder: Path) -> None:
         verify_folder(
-            folder, VLMambaForConditionalGeneration, state_dict, inputs, reference_logits, dtype or torch.float32
+            folder,
+            VLMambaForConditionalGeneration,
+            state_dict,
+            inputs,
+            reference_logits,
+            dominant_dtype(state_dict.values()),
         )
         description = f"VL-Mamba converted from the LLaVA-style Mamba VLM checkpoint `{checkpoint_dir.name}`."
-        write_card(folder, {"description": description, "base_model": hub_ids(vision or raw["mm_vision_tower"])})
+        write_card(folder, {"description": description, "base_model": hub_ids(vision)})
 
     return save_folder(model, output_dir, processor, force=force, max_shard_size=max_shard_size, finalize=verify)
 
@@ -180,7 +192,13 @@ def load_mm_projector(
     base.load_state_dict(converted, strict=False)
     processor = AutoProcessor.from_pretrained(base_dir)
     features = torch.randn(2, base.config.image_seq_length, base.config.vision_feature_size)
-    prefix = "model.mm_projector." if "model.mm_projector.0.weight" in weights else "mm_projector."
+    prefixes = sorted({key.removesuffix(key.split("mm_projector.")[-1]) for key in weights})
+    if len(prefixes) != 1:
+        raise ConversionError(
+            f"{mm_projector} mixes key prefixes {prefixes}: a stage-1 connector has one (mm_projector. or "
+            "model.mm_projector.); save it from a single model."
+        )
+    (prefix,) = prefixes
     w0, b0, w2, b2 = (weights[prefix + name].float() for name in ("0.weight", "0.bias", "2.weight", "2.bias"))
     expected = F.linear(F.gelu(F.linear(features, w0, b0)), w2, b2)  # LLaVA's mlp2x_gelu, from the file itself
 

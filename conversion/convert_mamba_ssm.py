@@ -23,6 +23,7 @@ from vlmamba.conversion.checkpoint import (
     add_output_arguments,
     build_model,
     convert_state_dict,
+    dominant_dtype,
     expected_tensors,
     parse_dtype,
     random_token_ids,
@@ -64,10 +65,29 @@ def pad_vocab_size(vocab_size: int, multiple: int = 8) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
+def is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def mamba_config_from_raw(raw: dict) -> MambaConfig:
     """transformers' `MambaConfig` for a raw mamba_ssm config; raises `ConversionError` for what it cannot express."""
     problems = [f"missing '{name}'" for name in ("d_model", "n_layer", "vocab_size") if name not in raw]
-    ssm_cfg = dict(raw.get("ssm_cfg") or {})
+    problems += [
+        f"{name}={raw[name]!r} must be a positive integer"
+        for name in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple")
+        if name in raw and not is_positive_int(raw[name])
+    ]
+    ssm_cfg = raw.get("ssm_cfg") or {}
+    if not isinstance(ssm_cfg, dict):
+        problems.append(f'ssm_cfg={ssm_cfg!r} must be an object of mixer settings (e.g. {{"d_state": 16}})')
+        ssm_cfg = {}
+    problems += [
+        f"ssm_cfg.{name}={ssm_cfg[name]!r} must be a positive integer"
+        for name in ("d_state", "d_conv", "expand")
+        if name in ssm_cfg and not is_positive_int(ssm_cfg[name])
+    ]
+    if "dt_rank" in ssm_cfg and ssm_cfg["dt_rank"] != "auto" and not is_positive_int(ssm_cfg["dt_rank"]):
+        problems.append(f"ssm_cfg.dt_rank={ssm_cfg['dt_rank']!r} must be 'auto' or a positive integer")
     if ssm_cfg.get("layer", "Mamba1") != "Mamba1":
         problems.append(f"ssm_cfg.layer={ssm_cfg['layer']!r}: only Mamba-1 mixers are converted")
     unknown = sorted(set(ssm_cfg) - set(SSM_CFG_FIELDS) - set(SSM_CFG_IGNORED))
@@ -163,7 +183,9 @@ def convert_mamba_ssm(
 
     def verify(folder: Path) -> None:
         inputs = {"input_ids": input_ids}
-        verify_folder(folder, MambaForCausalLM, state_dict, inputs, reference_logits, dtype or torch.float32)
+        verify_folder(
+            folder, MambaForCausalLM, state_dict, inputs, reference_logits, dominant_dtype(state_dict.values())
+        )
 
     return save_folder(model, output_dir, tokenizer, force=force, max_shard_size=max_shard_size, finalize=verify)
 

@@ -1,11 +1,12 @@
 """Write a Hub-ready folder atomically: a temporary sibling folder, verified, then renamed into place."""
 
 import shutil
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
+
+from vlmamba.conversion.files import replace_folder, staging_folder
 
 MAX_SHARD_SIZE = "5GB"
 
@@ -13,13 +14,9 @@ MAX_SHARD_SIZE = "5GB"
 def check_output_dir(output_dir: str | Path, force: bool) -> Path:
     """Refuse an existing `output_dir` unless `force`; converters call this before any work."""
     output_dir = Path(output_dir)
-    if output_dir.exists() and not force:
+    if (output_dir.exists() or output_dir.is_symlink()) and not force:
         raise FileExistsError(f"{output_dir} already exists; pass force=True (--force) to overwrite it.")
     return output_dir
-
-
-def _sibling(path: Path, suffix: str) -> Path:
-    return path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.{suffix}"
 
 
 def save_folder(
@@ -34,31 +31,18 @@ def save_folder(
 
     Nothing is half-written: everything goes to a temporary folder next to `output_dir`; `finalize(folder)` may
     verify it (and raise) and add files such as the model card; only then it takes the place of `output_dir`.
-    An existing `output_dir` is an error unless `force`; it is replaced only once the new folder is complete, and
-    restored if that replacement fails.
+    An existing `output_dir` (a folder, or with `force` also a file or a symbolic link) is an error unless `force`;
+    it is replaced only once the new folder is complete, and restored if that replacement fails.
     """
     output_dir = check_output_dir(output_dir, force)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = _sibling(output_dir, "tmp")
-    staging.mkdir()
+    staging = staging_folder(output_dir)
     try:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         if processor is not None:
             processor.save_pretrained(staging)
         if finalize is not None:
             finalize(staging)
-        if output_dir.exists():
-            previous = _sibling(output_dir, "old")
-            output_dir.rename(previous)
-            try:
-                staging.rename(output_dir)
-            except BaseException:
-                previous.rename(output_dir)
-                raise
-            shutil.rmtree(previous)
-        else:
-            staging.rename(output_dir)
+        return replace_folder(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return output_dir

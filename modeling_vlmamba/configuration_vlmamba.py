@@ -131,6 +131,7 @@ class VLMambaConfig(PreTrainedConfig):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)!r}.")
         self._check_feature_layers()
+        self._check_image_geometry()
         rows, cols = self.patch_grid
         if self.uses_vss and self.num_vision_tokens != rows * cols:
             fix = "default" if self.vision_has_cls_token else "full"
@@ -188,6 +189,23 @@ class VLMambaConfig(PreTrainedConfig):
             raise ValueError(
                 f"`vision_feature_layer` {bad} out of range: the vision encoder has {num_states} hidden states "
                 f"(valid indices {-num_states}..{num_states - 1})."
+            )
+
+    def _check_image_geometry(self) -> None:
+        vision = self.vision_config
+        sides = {}
+        for name in ("image_size", "patch_size"):
+            value = getattr(vision, name)
+            value = (value, value) if isinstance(value, int) else tuple(value)
+            if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+                raise ValueError(
+                    f"The vision config's {name}={getattr(vision, name)!r} must be a positive integer (or a pair)."
+                )
+            sides[name] = value
+        if any(size < patch for size, patch in zip(sides["image_size"], sides["patch_size"], strict=True)):
+            raise ValueError(
+                f"The vision config's patch_size={vision.patch_size} is larger than its image_size="
+                f"{vision.image_size}: no patch fits."
             )
 
     @property

@@ -243,9 +243,17 @@ class VLMambaPreTrainedModel(PreTrainedModel):
         self._no_split_modules = {name for name in self._no_split_modules if name in built}
 
 
-def image_token_mismatch(num_tokens: int, num_images: int, per_image: int) -> str:
-    """The error for inputs whose image tokens cannot hold `num_images` images of `per_image` tokens each: either the
-    images do not match the placeholders, or the processor expands each placeholder to another count."""
+def image_token_mismatch(num_tokens: int, num_images: int, per_image: int, image_token_id: int) -> str:
+    """The error for inputs whose image tokens cannot hold `num_images` images of `per_image` tokens each: the
+    images do not match the placeholders, the processor expands each placeholder to another count, or its <image>
+    token is not the config's `image_token_id`."""
+    if num_tokens == 0:
+        return (
+            f"The inputs hold no image token (id {image_token_id}, the config's image_token_id) but {num_images} "
+            "images were given: put one <image> placeholder in the text for each image. If the text has them, "
+            "the processor's <image> token is not the config's image_token_id: compare config.json with "
+            "processor.image_token_id."
+        )
     other_count = num_tokens // num_images if num_images and num_tokens % num_images == 0 else None
     expanded = f" (here {other_count} per image)" if other_count not in (None, per_image) else ""
     return (
@@ -274,6 +282,11 @@ class VLMambaModel(VLMambaPreTrainedModel):
         self.language_model.set_input_embeddings(value)
 
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(
+                f"pixel_values must be a torch.Tensor of shape (num_images, channels, height, width), got a "
+                f"{type(pixel_values).__name__}: build the inputs with VLMambaProcessor(..., return_tensors='pt')."
+            )
         vision = self.config.vision_config
         size = (vision.image_size,) * 2 if isinstance(vision.image_size, int) else tuple(vision.image_size)
         expected = (vision.num_channels, *size)
@@ -282,6 +295,13 @@ class VLMambaModel(VLMambaPreTrainedModel):
                 f"pixel_values have shape {tuple(pixel_values.shape)} but the vision tower expects "
                 f"(num_images, {', '.join(map(str, expected))}). Prepare images with VLMambaProcessor."
             )
+        torch_compilable_check(
+            torch.isfinite(pixel_values).all(),
+            lambda: (
+                f"pixel_values hold {int((~torch.isfinite(pixel_values)).sum())} NaN or infinite values: check how "
+                "the images were decoded and normalised (VLMambaProcessor gives finite values for any image)."
+            ),
+        )
 
     @can_return_tuple
     def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling:
@@ -338,7 +358,7 @@ class VLMambaModel(VLMambaPreTrainedModel):
         num_images, per_image = image_features.shape[:2]
         torch_compilable_check(
             mask.sum() == num_images * per_image,
-            lambda: image_token_mismatch(int(mask.sum()), num_images, per_image),
+            lambda: image_token_mismatch(int(mask.sum()), num_images, per_image, self.config.image_token_id),
         )
         return mask
 
@@ -373,6 +393,20 @@ class VLMambaModel(VLMambaPreTrainedModel):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if pixel_values is not None and mm_encoder_outputs:
             raise ValueError("Pass pixel_values or mm_encoder_outputs, not both.")
+        # Prompts are checked; decode steps (one token after a filled cache) are not: generate chooses those tokens
+        # itself, never the image token (suppress_tokens), and each check costs a device synchronisation.
+        is_prompt = input_ids is not None and (
+            input_ids.shape[1] > 1 or cache_params is None or not cache_params.has_previous_state()
+        )
+        if is_prompt:
+            vocab_size = self.config.text_config.vocab_size
+            torch_compilable_check(
+                ((input_ids >= 0) & (input_ids < vocab_size)).all(),
+                lambda: (
+                    f"input_ids hold token ids from {int(input_ids.min())} to {int(input_ids.max())}, outside the "
+                    f"vocabulary of {vocab_size}: tokenize with this model's tokenizer."
+                ),
+            )
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
@@ -384,9 +418,7 @@ class VLMambaModel(VLMambaPreTrainedModel):
         if image_features is not None:
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
             inputs_embeds = inputs_embeds.masked_scatter(mask.unsqueeze(-1), image_features.to(inputs_embeds))
-        elif input_ids is not None and input_ids.shape[1] > 1:
-            # Prompts only: generation never samples the image token (suppress_tokens), and checking every
-            # one-token decode step would cost a device synchronisation each.
+        elif is_prompt:
             torch_compilable_check(
                 ~(input_ids == self.config.image_token_id).any(),
                 "input_ids contain image tokens but no pixel_values were given; pass the images.",

@@ -1,6 +1,8 @@
 """Processor of VL-Mamba: an image processor plus a GPT-NeoX tokenizer with one `<image>` special token."""
 
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import PIL.Image
 import PIL.ImageOps
@@ -63,12 +65,22 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     return image.convert("RGB")
 
 
-def expand_to_square(image: PIL.Image.Image, background: tuple[int, int, int]) -> PIL.Image.Image:
-    """Pad the shorter side symmetrically to a square (LLaVA-1.5's `expand2square`)."""
+def expand_to_square(image: PIL.Image.Image, background: tuple[int, int, int], name: str = "image") -> PIL.Image.Image:
+    """Pad the shorter side symmetrically to a square (LLaVA-1.5's `expand2square`).
+
+    PIL bounds the pixels of what it decodes (`PIL.Image.MAX_IMAGE_PIXELS`), not of this canvas: a 20000x1 image
+    would pad to 400 million pixels. The canvas is held to the same bound, with an error naming the image.
+    """
     width, height = image.size
     if width == height:
         return image
     side = max(width, height)
+    limit = PIL.Image.MAX_IMAGE_PIXELS
+    if limit is not None and side * side > limit:
+        raise ValueError(
+            f"{name} is {width}x{height}: padding it to a square would take {side}x{side} = {side * side:,} pixels, "
+            f"over PIL's limit of {limit:,} (PIL.Image.MAX_IMAGE_PIXELS). Crop it, or use image_aspect_ratio='resize'."
+        )
     square = PIL.Image.new("RGB", (side, side), background)
     square.paste(image, ((side - width) // 2, (side - height) // 2))
     return square
@@ -89,10 +101,15 @@ def output_size(image_processor) -> tuple[int, int]:
 
 
 def load_rgb_image(image) -> PIL.Image.Image:
-    """A PIL image, a local path, an http(s) URL, a `data:image/...;base64,` URI, or an (H, W, C) / (C, H, W)
-    array or tensor -> an RGB PIL image."""
+    """A PIL image, a local path or `file://` URL, an http(s) URL, a `data:image/...;base64,` URI, or an (H, W, C) /
+    (C, H, W) array or tensor -> an RGB PIL image. A file that cannot be decoded (missing, a folder, truncated,
+    corrupt, or over PIL's pixel limit) raises an error that names it."""
+    if isinstance(image, str) and image.startswith("file://"):
+        image = Path(url2pathname(urlparse(image).path))
     if isinstance(image, Path) or (isinstance(image, str) and not image.startswith(("http://", "https://", "data:"))):
         path = Path(image)
+        if path.is_dir():
+            raise IsADirectoryError(f"Image file '{path}' is a folder: pass the path of an image file.")
         if not path.is_file():
             raise FileNotFoundError(f"Image file not found: '{path}'.")
         try:
@@ -101,8 +118,15 @@ def load_rgb_image(image) -> PIL.Image.Image:
                 return to_rgb(opened)
         except PIL.UnidentifiedImageError as error:
             raise ValueError(f"Cannot read image file '{path}': it is not an image format PIL can decode.") from error
+        except PIL.Image.DecompressionBombError as error:
+            raise ValueError(f"Image file '{path}' is too large to decode: {error}") from error
+        except OSError as error:
+            raise ValueError(f"Cannot read image file '{path}' ({error}): it is truncated or corrupt.") from error
     if isinstance(image, str):
-        image = load_image(image)
+        try:
+            image = load_image(image)
+        except PIL.Image.DecompressionBombError as error:
+            raise ValueError(f"Image {image[:80]!r} is too large to decode: {error}") from error
     elif not isinstance(image, PIL.Image.Image):
         try:
             image = to_pil_image(image)
@@ -172,6 +196,8 @@ class VLMambaProcessor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE)
 
     def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        if isinstance(text, list | tuple) and not text:
+            raise ValueError("text is an empty list: give one prompt per sample (e.g. ['<image>\\nDescribe it.']).")
         _, text, videos, audio = super().prepare_inputs_layout(text=text, videos=videos, audio=audio, **kwargs)
         if text is not None and any(not sample.strip() for sample in text):
             raise ValueError("Got an empty text prompt; every sample needs text (e.g. '<image>\\nDescribe it.').")
@@ -183,9 +209,9 @@ class VLMambaProcessor(ProcessorMixin):
                 and all(isinstance(item, (list, tuple)) for item in images)
             )
             images = (
-                [[self._prepare_image(image) for image in _flatten(sample)] for sample in images]
+                [[self.prepare_image(image) for image in _flatten(sample)] for sample in images]
                 if per_sample
-                else [self._prepare_image(image) for image in _flatten(images)]
+                else [self.prepare_image(image) for image in _flatten(images)]
             )
         return images, text, videos, audio
 
@@ -213,11 +239,15 @@ class VLMambaProcessor(ProcessorMixin):
     def _process_images(self, images, **kwargs):
         return super()._process_images(_flatten(images), **kwargs)
 
-    def _prepare_image(self, image) -> PIL.Image.Image:
+    def prepare_image(self, image) -> PIL.Image.Image:
+        """Any image input `load_rgb_image` takes -> the RGB PIL image the image processor gets (padded to a square
+        with `image_aspect_ratio="pad"`)."""
+        name = f"Image file '{image}'" if isinstance(image, str | Path) else "An image"
         image = load_rgb_image(image)
         if self.image_aspect_ratio == "pad":
             # int(), as LLaVA's expand2square computes the background
-            image = expand_to_square(image, tuple(int(255 * mean) for mean in self.image_processor.image_mean))
+            mean = tuple(int(255 * mean) for mean in self.image_processor.image_mean)
+            image = expand_to_square(image, mean, name)
         return image
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:

@@ -267,7 +267,7 @@ def test_skip_bad_samples_warns_and_counts(tmp_path, caplog):
     assert len(rows) == 2
     assert "Record broken: image file not found" in caplog.text and "Skipped 1 bad samples of 3" in caplog.text
     (tmp_path / "broken.json").write_text("[{")
-    with pytest.raises(DataError, match="broken.json is not valid JSON"):
+    with pytest.raises(DataError, match="broken.json is not valid UTF-8 JSON"):
         read_llava_json(tmp_path / "broken.json")
 
 

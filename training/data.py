@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers import ProcessorMixin
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-from modeling_vlmamba.processing_vlmamba import load_rgb_image
+from vlmamba.conversion.files import inside_folder
 
 logger = logging.getLogger(__name__)
 
@@ -32,11 +32,19 @@ class DataError(ValueError):
     """A record that cannot be trained on; the message names the record and, where one is involved, the file."""
 
 
-def _image_paths(record: dict, record_id: str, image_folder: Path, verify: bool) -> list[Path]:
+def _image_paths(
+    record: dict, record_id: str, image_folder: Path, verify: bool, allow_outside: bool = False
+) -> list[Path]:
     images = record.get("image", [])
     images = [images] if isinstance(images, str) else images
     if not isinstance(images, list) or not all(isinstance(name, str) for name in images):
         raise DataError(f"Record {record_id}: 'image' must be a path or a list of paths, got {images!r}.")
+    outside = [name for name in images if not inside_folder(name)]
+    if outside and not allow_outside:
+        raise DataError(
+            f"Record {record_id}: image paths {outside} lead out of the image folder {image_folder}: give paths "
+            "relative to it, or pass --allow-images-outside-folder to read them anyway."
+        )
     paths = [image_folder / name for name in images]
     for path in paths:
         if not path.is_file():
@@ -45,7 +53,7 @@ def _image_paths(record: dict, record_id: str, image_folder: Path, verify: bool)
             try:
                 with PIL.Image.open(path) as image:
                     image.verify()
-            except (OSError, SyntaxError) as error:
+            except (OSError, SyntaxError, PIL.Image.DecompressionBombError) as error:
                 raise DataError(f"Record {record_id}: unreadable image {path}: {error}") from error
     return paths
 
@@ -89,13 +97,20 @@ def content_blocks(text: str) -> list[dict]:
 
 
 def llava_row(
-    record: dict, index: int, image_folder: Path, stage: int, eos_token: str, verify_images: bool = False
+    record: dict,
+    index: int,
+    image_folder: Path,
+    stage: int,
+    eos_token: str,
+    verify_images: bool = False,
+    allow_images_outside_folder: bool = False,
 ) -> dict:
-    """One LLaVA-JSON record as a training row of `stage` (see the module docstring); raises `DataError`."""
+    """One LLaVA-JSON record as a training row of `stage` (see the module docstring); raises `DataError`. Image
+    paths must stay inside `image_folder` unless `allow_images_outside_folder`."""
     if not isinstance(record, dict):
         raise DataError(f"Record #{index} is not an object: {record!r}.")
     record_id = str(record.get("id", f"#{index}"))
-    paths = _image_paths(record, record_id, image_folder, verify_images)
+    paths = _image_paths(record, record_id, image_folder, verify_images, allow_images_outside_folder)
     turns = _turns(record, record_id, len(paths))
     images = [str(path) for path in paths]
     if stage == 1:
@@ -117,25 +132,31 @@ def read_llava_json(
     stage: int = 2,
     eos_token: str = "<|endoftext|>",
     skip_bad_samples: bool = False,
+    allow_images_outside_folder: bool = False,
 ) -> datasets.Dataset:
     """Read a LLaVA-JSON file into a `datasets.Dataset` of stage `stage` rows (image paths, decoded per batch).
 
-    Every record is checked: its structure, an assistant turn, one `<image>` per image, and that each image file
-    exists. A bad record raises `DataError` naming it (and the file); with `skip_bad_samples` the image files are
-    also checked to be readable, and a bad record is left out with a warning, and the number left out logged.
+    Every record is checked: its structure, an assistant turn, one `<image>` per image, that each image path stays
+    inside `image_folder` (unless `allow_images_outside_folder`), and that each image file exists. A bad record
+    raises `DataError` naming it (and the file); with `skip_bad_samples` the image files are also checked to be
+    readable, and a bad record is left out with a warning, and the number left out logged.
     """
     json_path = Path(json_path)
     image_folder = Path(image_folder) if image_folder is not None else json_path.parent
+    if not json_path.is_file():
+        raise FileNotFoundError(f"Data file not found: {json_path}")
     try:
-        records = json.loads(json_path.read_text())
-    except json.JSONDecodeError as error:
-        raise DataError(f"{json_path} is not valid JSON: {error}") from error
+        records = json.loads(json_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{json_path} is not valid UTF-8 JSON: {error}") from error
     if not isinstance(records, list):
         raise DataError(f"{json_path} must hold a list of records, got {type(records).__name__}.")
     rows, skipped = [], 0
     for index, record in enumerate(tqdm(records, desc=f"Reading {json_path.name}", unit="record")):
         try:
-            rows.append(llava_row(record, index, image_folder, stage, eos_token, verify_images=skip_bad_samples))
+            rows.append(
+                llava_row(record, index, image_folder, stage, eos_token, skip_bad_samples, allow_images_outside_folder)
+            )
         except DataError as error:
             if not skip_bad_samples:
                 raise
@@ -165,6 +186,7 @@ class VisionCollator:
             completion_only_loss=stage == 1,
             assistant_only_loss=stage == 2,
         )
+        self.processor = processor
         self.image_token_id = processor.image_token_id
         self.image_seq_length = processor.image_seq_length
         self.max_length = max_length
@@ -175,7 +197,7 @@ class VisionCollator:
         images = []
         for image in example.get("images") or []:
             try:
-                images.append(load_rgb_image(image))
+                images.append(self.processor.prepare_image(image))
             except (OSError, ValueError) as error:
                 message = f"Record {example.get('id', '?')}: cannot use image {image}: {error}"
                 if not self.skip_bad_samples:

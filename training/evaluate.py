@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
 
-from vlmamba.cli import run_tool
+from vlmamba.cli import positive_int, run_tool
 from vlmamba.conversion.checkpoint import check_source
 from vlmamba.training.data import read_llava_json
 
@@ -33,14 +33,19 @@ def evaluate(
     image_folder: str | Path | None = None,
     batch_size: int = 64,
     max_new_tokens: int = 8,
+    allow_images_outside_folder: bool = False,
 ) -> dict[str, float]:
     """Accuracy per `question_type` and `overall` on the held-out records."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}.")
     heldout_json = Path(heldout_json)
+    rows = read_llava_json(
+        heldout_json, image_folder, stage=2, allow_images_outside_folder=allow_images_outside_folder
+    )  # checks every record first
     question_types = {
         str(record.get("id", f"#{index}")): record.get("question_type", "all")
         for index, record in enumerate(json.loads(heldout_json.read_text()))
     }
-    rows = read_llava_json(heldout_json, image_folder, stage=2)
     correct, total = defaultdict(int), defaultdict(int)
     model.eval()
     for start in tqdm(range(0, len(rows), batch_size), desc="Evaluating", unit="batch"):
@@ -73,14 +78,25 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     parser.add_argument("model")
     parser.add_argument("heldout_json")
     parser.add_argument("--image-folder")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=8)
+    parser.add_argument(
+        "--allow-images-outside-folder", action="store_true", help="read image paths that lead out of --image-folder"
+    )
     args = parser.parse_args(argv)
     check_source(args.model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForImageTextToText.from_pretrained(args.model, trust_remote_code=True).to(device)
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
-    accuracy = evaluate(model, processor, args.heldout_json, args.image_folder, args.batch_size, args.max_new_tokens)
+    accuracy = evaluate(
+        model,
+        processor,
+        args.heldout_json,
+        args.image_folder,
+        args.batch_size,
+        args.max_new_tokens,
+        args.allow_images_outside_folder,
+    )
     for question_type, value in accuracy.items():
         print(f"{question_type:>10}: {value:.3f}")
 

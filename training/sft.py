@@ -26,7 +26,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
 from modeling_vlmamba import LORA_TARGET_MODULES
-from vlmamba.cli import run_tool
+from vlmamba.cli import positive_int, run_tool
 from vlmamba.conversion.checkpoint import CONNECTOR, DTYPES, LANGUAGE_MODEL, VISION_TOWER, check_source
 from vlmamba.conversion.hub_folder import save_folder
 from vlmamba.model_cards import hub_ids, read_card_data, write_card
@@ -53,17 +53,19 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", required=True)
     preset = parser.add_argument_group("hyperparameters (defaults: the LLaVA-1.5 values of the stage)")
     preset.add_argument("--learning-rate", type=float)
-    preset.add_argument("--global-batch-size", type=int, help="per-device batch x devices x accumulation steps")
-    preset.add_argument("--per-device-batch-size", type=int)
+    preset.add_argument(
+        "--global-batch-size", type=positive_int, help="per-device batch x devices x accumulation steps"
+    )
+    preset.add_argument("--per-device-batch-size", type=positive_int)
     preset.add_argument("--epochs", type=float, default=1.0)
     preset.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimizer steps")
     preset.add_argument("--warmup-ratio", type=float, default=0.03)
     preset.add_argument("--weight-decay", type=float, default=0.0)
     preset.add_argument("--lr-scheduler", default="cosine")
-    preset.add_argument("--max-length", type=int, help="truncate longer samples (default: no truncation)")
+    preset.add_argument("--max-length", type=positive_int, help="truncate longer samples (default: no truncation)")
     parser.add_argument("--train-vision", action="store_true", help="also train the vision encoder")
     parser.add_argument("--lora-r", type=int, default=0, help="LoRA rank on the LLM's in_proj (stage 2; 0: off)")
-    parser.add_argument("--lora-alpha", type=int, help="LoRA alpha (default: 2 x rank)")
+    parser.add_argument("--lora-alpha", type=positive_int, help="LoRA alpha (default: 2 x rank)")
     parser.add_argument("--lora-dropout", type=float, default=0.05)
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="default: on where CUDA supports it")
@@ -71,14 +73,19 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--save-dtype", choices=sorted(DTYPES), help="dtype of the final model (default: bf16 if trained in bf16)"
     )
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--logging-steps", type=int, default=10)
-    parser.add_argument("--save-steps", type=int, default=500)
+    parser.add_argument("--logging-steps", type=positive_int, default=10)
+    parser.add_argument("--save-steps", type=positive_int, default=500)
     parser.add_argument("--save-total-limit", type=int, default=2)
     parser.add_argument("--num-workers", type=int, default=4, help="dataloader workers decoding images")
     parser.add_argument("--report-to", default="none", help="e.g. tensorboard, wandb")
     parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in --output-dir")
     parser.add_argument(
         "--skip-bad-samples", action="store_true", help="warn about and count bad samples instead of stopping"
+    )
+    parser.add_argument(
+        "--allow-images-outside-folder",
+        action="store_true",
+        help="read image paths of the data that lead out of --image-folder (absolute, or with ..): refused by default",
     )
     return parser
 
@@ -152,7 +159,9 @@ def build_trainer(args: argparse.Namespace) -> SFTTrainer:
     set_trainable(model, args.stage, args.train_vision, lora=lora is not None)
     if args.data:
         eos = processor.tokenizer.eos_token
-        dataset = read_llava_json(args.data, args.image_folder, args.stage, eos, args.skip_bad_samples)
+        dataset = read_llava_json(
+            args.data, args.image_folder, args.stage, eos, args.skip_bad_samples, args.allow_images_outside_folder
+        )
     else:
         dataset = load_hf_dataset(args.dataset)
     config = SFTConfig(

@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from huggingface_hub.errors import StrictDataclassError
+
 # subcommand -> (module with `main(argv, prog)`, what it does)
 TOOLS = {
     "tiny": ("vlmamba.training.tiny", "write a tiny random VL-Mamba folder, to try the API offline"),
@@ -24,10 +26,22 @@ TOOLS = {
     "synthetic": ("vlmamba.training.synthetic", "draw the demo's synthetic dataset of coloured shapes"),
     "demo": ("vlmamba.training.demo", "the whole workflow on a synthetic task, on a CPU"),
 }
-# What bad input raises: our own errors (ConversionError, DataError, PublishError) are ValueErrors, and missing or
-# clashing files and folders OSErrors. Anything else is a bug, and keeps its traceback.
-USER_ERRORS = (ValueError, OSError)
+# What bad input raises: our own errors (ConversionError, DataError, PublishError) are ValueErrors, missing or
+# clashing files and folders OSErrors, and values of the wrong type in a config the Hub's strict dataclass errors.
+# Anything else is a bug, and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, StrictDataclassError)
 Main = Callable[[list[str] | None, str | None], None]
+
+
+def positive_int(text: str) -> int:
+    """An argparse `type` for counts and sizes: a positive integer, or a usage error that says so."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def run_tool(main: Main, argv: list[str] | None = None, prog: str | None = None) -> int:
