@@ -6,6 +6,8 @@ import glob
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -77,3 +79,16 @@ def replace_folder(staging: Path, target: Path) -> Path:
         raise
     _remove(previous)
     return target
+
+
+@contextmanager
+def staged(target: Path) -> Iterator[Path]:
+    """A staging folder (see `staging_folder`) that takes the place of `target` when the block completes, and is
+    removed if it fails: a run that fails or is killed leaves `target` as it was."""
+    staging = staging_folder(target)
+    try:
+        yield staging
+        replace_folder(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -1,12 +1,11 @@
 """Write a Hub-ready folder atomically: a temporary sibling folder, verified, then renamed into place."""
 
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
-from vlmamba.conversion.files import replace_folder, staging_folder
+from vlmamba.conversion.files import staged
 
 MAX_SHARD_SIZE = "5GB"
 
@@ -35,14 +34,10 @@ def save_folder(
     it is replaced only once the new folder is complete, and restored if that replacement fails.
     """
     output_dir = check_output_dir(output_dir, force)
-    staging = staging_folder(output_dir)
-    try:
+    with staged(output_dir) as staging:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         if processor is not None:
             processor.save_pretrained(staging)
         if finalize is not None:
             finalize(staging)
-        return replace_folder(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    return output_dir

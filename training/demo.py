@@ -11,7 +11,6 @@
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
 from modeling_vlmamba import VLMambaForConditionalGeneration
 from vlmamba.cli import run_tool
-from vlmamba.conversion.hub_folder import save_folder
+from vlmamba.conversion.files import staged
+from vlmamba.conversion.hub_folder import check_output_dir, save_folder
 from vlmamba.model_cards import read_card_data, write_card
 from vlmamba.training.data import content_blocks
 from vlmamba.training.evaluate import evaluate
@@ -141,12 +141,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
     args = parser.parse_args(argv)
-    output_dir = Path(args.output_dir)
-    if output_dir.exists():
-        if not args.force:
-            raise FileExistsError(f"{output_dir} exists; pass --force to replace it.")
-        shutil.rmtree(output_dir)
-    result = run(output_dir, args.train_scenes, args.heldout_scenes, args.seed)
+    output_dir = check_output_dir(args.output_dir, args.force)
+    # The run writes a staging folder that replaces the output folder only once complete: a failed or killed run
+    # leaves the previous output as it was.
+    with staged(output_dir) as staging:
+        result = run(staging, args.train_scenes, args.heldout_scenes, args.seed)
+    model_dir = output_dir / result["model_dir"].relative_to(staging)
 
     print("\n=== VL-Mamba demo ===")
     for stage, (first, last) in result["losses"].items():
@@ -158,9 +158,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     image, question, reply, answer = result["example"]
     question = question.replace("<image>", "")
     print(f"pipeline on {image}: {question!r} -> {reply!r} (reference {answer!r})")
-    print(
-        f"model saved to {result['model_dir']} (Hub-ready: remote code, processor, card) in {result['seconds']:.0f} s"
-    )
+    print(f"model saved to {model_dir} (Hub-ready: remote code, processor, card) in {result['seconds']:.0f} s")
 
 
 if __name__ == "__main__":

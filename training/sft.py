@@ -15,13 +15,17 @@ training/configs/<ddp|fsdp2|zero2>.yaml -m vlmamba.training.sft ...`.
 """
 
 import argparse
+import json
+import logging
 import os
+import re
 import sys
 from pathlib import Path
 
 import torch
 from peft import LoraConfig
 from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
@@ -31,6 +35,8 @@ from vlmamba.conversion.checkpoint import CONNECTOR, DTYPES, LANGUAGE_MODEL, VIS
 from vlmamba.conversion.hub_folder import save_folder
 from vlmamba.model_cards import hub_ids, read_card_data, write_card
 from vlmamba.training.data import VisionCollator, load_hf_dataset, read_llava_json
+
+logger = logging.getLogger(__name__)
 
 # LLaVA-1.5 (scripts/v1_5/pretrain.sh, finetune.sh): the global batch is split over devices and accumulation.
 PRESETS = {
@@ -145,6 +151,11 @@ def build_trainer(args: argparse.Namespace) -> SFTTrainer:
         raise FileExistsError(
             f"{output_dir} holds a run (checkpoints or final/): pass --resume to continue, or another --output-dir."
         )
+    if args.resume and resumable_checkpoint(output_dir) is None:
+        raise FileNotFoundError(
+            f"--resume: {output_dir} holds no complete checkpoint-N to resume from; run without --resume to start "
+            "the stage from the beginning."
+        )
     if args.stage == 1 and args.dataset:
         raise ValueError("Stage 1 trains on LLaVA-JSON captions (--data): a messages dataset is for stage 2.")
     hyper = resolved_hyperparameters(args)
@@ -202,6 +213,24 @@ def build_trainer(args: argparse.Namespace) -> SFTTrainer:
 
 def get_last_checkpoint_or_none(output_dir: Path) -> str | None:
     return get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+
+
+def resumable_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete `checkpoint-N` of `output_dir`, or None. The Trainer writes `trainer_state.json` last, so
+    a checkpoint whose save was interrupted has none (or half of one): it is named in a warning and passed over."""
+    if not output_dir.is_dir():
+        return None
+    steps = {path: re.fullmatch(r"checkpoint-(\d+)", path.name) for path in output_dir.iterdir() if path.is_dir()}
+    for checkpoint in sorted((p for p, m in steps.items() if m), key=lambda p: int(steps[p][1]), reverse=True):
+        try:
+            json.loads((checkpoint / TRAINER_STATE_NAME).read_text())
+            return checkpoint
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            logger.warning(
+                f"{checkpoint} is incomplete (no readable {TRAINER_STATE_NAME}: its save was interrupted), so an "
+                "older checkpoint is used; delete it to silence this warning (it is rewritten at that step anyway)."
+            )
+    return None
 
 
 def stage_record(trainer: SFTTrainer, args: argparse.Namespace) -> dict:
@@ -269,8 +298,10 @@ def save_final(trainer: SFTTrainer, args: argparse.Namespace) -> Path:
 def train(args: argparse.Namespace) -> Path:
     """Run one stage end to end; returns the final folder."""
     trainer = build_trainer(args)
-    checkpoint = get_last_checkpoint_or_none(Path(args.output_dir)) if args.resume else None
-    trainer.train(resume_from_checkpoint=checkpoint)
+    checkpoint = resumable_checkpoint(Path(args.output_dir)) if args.resume else None
+    if checkpoint is not None and trainer.is_world_process_zero():
+        print(f"Resuming from {checkpoint}")
+    trainer.train(resume_from_checkpoint=None if checkpoint is None else str(checkpoint))
     skipped = trainer.data_collator.skipped
     if skipped and trainer.is_world_process_zero():
         print(f"Skipped {skipped} samples whose images could not be decoded (this process).")
