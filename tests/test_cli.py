@@ -93,3 +93,13 @@ def test_bf16_without_support_says_so(tmp_path, capsys):
     assert run_tool(main, argv, prog="vlmamba train") == 1
     message = "--bf16 needs a CUDA GPU with bfloat16 support, and this machine has none: leave it out."
     assert capsys.readouterr().err == f"vlmamba train: error: {message}\n"
+
+
+def test_a_config_value_of_the_wrong_type_is_a_user_error_too(tokenizer, capsys):
+    from vlmamba.training.tiny import TINY_SIGLIP, tiny_config
+
+    def main(argv, prog):
+        tiny_config(tokenizer, vision={**TINY_SIGLIP, "image_size": "16"})  # the Hub's strict dataclass refuses it
+
+    assert run_tool(main, [], prog="vlmamba compose") == 1
+    assert "vlmamba compose: error: Validation error for field 'image_size'" in capsys.readouterr().err

@@ -127,3 +127,16 @@ def test_siglip_pooling_head_is_never_built(tmp_path):
         assert not any(".head." in name for name, _ in model.named_parameters())
     config.save_pretrained(tmp_path)
     assert VLMambaConfig.from_pretrained(tmp_path).vision_config.vision_use_head is False
+
+
+@pytest.mark.parametrize(
+    ("vision", "message"),
+    [
+        ({"patch_size": 0}, r"patch_size=0 must be a positive integer"),
+        ({"image_size": -16}, r"image_size=-16 must be a positive integer"),
+        ({"image_size": 16, "patch_size": 32}, r"patch_size=32 is larger than its image_size=16"),
+    ],
+)
+def test_impossible_image_geometry_is_refused_at_construction(tokenizer, vision, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(tokenizer, vision={**TINY_SIGLIP, **vision})

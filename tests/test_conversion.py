@@ -34,7 +34,7 @@ from tests.reference_models import (
 from vlmamba.conversion import compose as compose_module
 from vlmamba.conversion import convert_llava as convert_llava_module
 from vlmamba.conversion import convert_mamba_ssm as convert_mamba_ssm_module
-from vlmamba.conversion.checkpoint import ConversionError
+from vlmamba.conversion.checkpoint import ConversionError, read_checkpoint
 from vlmamba.conversion.compose import compose
 from vlmamba.conversion.convert_llava import convert_llava, load_mm_projector
 from vlmamba.conversion.convert_mamba_ssm import convert_mamba_ssm
@@ -399,3 +399,101 @@ def test_command_line_converts(raw_dir, tmp_path, monkeypatch, capsys):
     convert_mamba_ssm_module.main()
     assert "MambaForCausalLM saved to" in capsys.readouterr().out
     assert MambaForCausalLM.from_pretrained(tmp_path / "out").dtype == torch.float16
+
+
+# ---------------------------------------------------------------- hostile and broken sources
+
+
+def test_an_overflow_to_float16_is_an_error_not_verified(tmp_path):
+    state = random_mamba_ssm_state(raw_mamba_config())
+    state["backbone.layers.1.mixer.out_proj.weight"][0, 0] = 1e6  # beyond float16's 65504
+    write_mamba_ssm_checkpoint(tmp_path / "raw", state=state)
+    with pytest.raises(
+        ConversionError, match=r"overflowing torch.float16.*\n  backbone.layers.1.mixer.out_proj.weight"
+    ):
+        convert_mamba_ssm(tmp_path / "raw", tmp_path / "out", dtype=torch.float16)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+    convert_mamba_ssm(tmp_path / "raw", tmp_path / "out", dtype=torch.bfloat16)  # wide enough
+
+
+def test_non_finite_source_weights_are_named(tmp_path):
+    state = random_mamba_ssm_state(raw_mamba_config())
+    state["backbone.layers.0.mixer.D"][3] = float("nan")
+    state["backbone.norm_f.weight"][0] = float("inf")
+    write_mamba_ssm_checkpoint(tmp_path / "raw", state=state)
+    with pytest.raises(ConversionError, match=r"2 not finite in the source:\n  backbone.layers.0.mixer.D: 1 NaN"):
+        convert_mamba_ssm(tmp_path / "raw", tmp_path / "out")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_a_mixed_precision_source_converts_to_one_dtype(tmp_path):
+    state = random_mamba_ssm_state(raw_mamba_config())
+    state["backbone.layers.0.mixer.D"] = state["backbone.layers.0.mixer.D"].half()
+    write_mamba_ssm_checkpoint(tmp_path / "raw", state=state)
+    out = convert_mamba_ssm(tmp_path / "raw", tmp_path / "out")
+    from safetensors.torch import load_file
+
+    assert {tensor.dtype for tensor in load_file(out / "model.safetensors").values()} == {torch.float32}
+
+
+def rewrite_config(folder, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"ssm_cfg": ["d_state", 4]}, r"ssm_cfg=\['d_state', 4\] must be an object of mixer settings"),
+        ({"d_model": "16"}, "d_model='16' must be a positive integer"),
+        ({"n_layer": -2}, "n_layer=-2 must be a positive integer"),
+        ({"ssm_cfg": {"d_state": 0}}, "ssm_cfg.d_state=0 must be a positive integer"),
+    ],
+)
+def test_wrong_typed_raw_config_values_are_named(raw_dir, tmp_path, change, message):
+    rewrite_config(raw_dir, **change)
+    with pytest.raises(ConversionError, match=message):
+        convert_mamba_ssm(raw_dir, tmp_path / "out")
+
+
+def test_broken_files_are_named_with_the_fix(raw_dir, tmp_path):
+    (raw_dir / "config.json").write_bytes(b"\xff\xfe{not json")
+    with pytest.raises(ConversionError, match=r"raw/config.json is not valid UTF-8 JSON .*: repair it"):
+        convert_mamba_ssm(raw_dir, tmp_path / "out")
+    (raw_dir / "config.json").write_text("{oops")
+    with pytest.raises(ConversionError, match=r"raw/config.json is not valid UTF-8 JSON"):
+        convert_mamba_ssm(raw_dir, tmp_path / "out")
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(ConversionError, match="index.json has no 'weight_map'"):
+        read_checkpoint(sharded)
+    (sharded / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "../../secret.safetensors"}})
+    )
+    with pytest.raises(ConversionError, match=r"names shard files outside its folder: \['../../secret.safetensors'\]"):
+        read_checkpoint(sharded)
+    (tmp_path / "corrupt.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header")
+    with pytest.raises(ConversionError, match="Cannot read the weights in .*corrupt.safetensors"):
+        read_checkpoint(tmp_path / "corrupt.safetensors")
+    with pytest.raises(FileNotFoundError, match="'runs/mamba-raw/typo' does not exist: give an existing folder"):
+        convert_mamba_ssm("runs/mamba-raw/typo", tmp_path / "out")
+
+
+def test_llava_without_a_vision_tower_and_mixed_projector_prefixes_are_named(llava, plain_tokenizer, parts):
+    root, vision = llava
+    write_llava_mamba_checkpoint(root / "llava", vision, plain_tokenizer)
+    config = json.loads((root / "llava" / "config.json").read_text())
+    del config["mm_vision_tower"]
+    (root / "llava" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match="names no mm_vision_tower: pass the vision tower .* \\(--vision"):
+        convert_llava(root / "llava", root / "out")
+
+    generator = torch.Generator().manual_seed(5)
+    mixed = {"model.mm_projector.0.weight": torch.randn(32, 32, generator=generator)}
+    mixed |= {"mm_projector.0.bias": torch.randn(32), "mm_projector.2.weight": torch.randn(32, 32)}
+    mixed |= {"mm_projector.2.bias": torch.randn(32)}
+    torch.save(mixed, parts / "mixed.bin")
+    base = compose(parts / "clip", parts / "mamba", parts / "base-mixed", projector_type="mlp")
+    with pytest.raises(ConversionError, match=r"mixes key prefixes \['mm_projector.', 'model.mm_projector.'\]"):
+        load_mm_projector(parts / "mixed.bin", base, parts / "stage1-mixed")

@@ -465,3 +465,26 @@ def test_generation_model_exposes_its_parts_as_llava_does(model):
     assert model.language_model is model.model.language_model
     assert model.vision_tower is model.model.vision_tower
     assert model.multi_modal_projector is model.model.multi_modal_projector
+
+
+def test_bad_model_inputs_name_the_value_and_the_fix(model, processor, tokenizer):
+    inputs = chat_inputs(processor, ["What colour?"])
+    ids, pixels = inputs["input_ids"], inputs["pixel_values"]
+    vocab = model.config.text_config.vocab_size
+    with pytest.raises(ValueError, match=rf"token ids from 0 to {vocab + 5}, outside the vocabulary of {vocab}"):
+        model(input_ids=torch.tensor([[0, 1, vocab + 5]]))
+    with pytest.raises(ValueError, match="token ids from -3 to"):
+        model(input_ids=torch.tensor([[2, -3]]))
+    for wrong in (pixels.numpy(), pixels.tolist()):
+        with pytest.raises(TypeError, match="pixel_values must be a torch.Tensor .* return_tensors='pt'"):
+            model(input_ids=ids, pixel_values=wrong)
+    poisoned = pixels.clone()
+    poisoned[0, 0, 0, :3] = float("nan")
+    with pytest.raises(ValueError, match=r"pixel_values hold 3 NaN or infinite values"):
+        model(input_ids=ids, pixel_values=poisoned)
+    with pytest.raises(ValueError, match="input_ids contain image tokens but no pixel_values"):
+        model(input_ids=torch.tensor([[model.config.image_token_id]]))  # one token, no cache: a prompt
+
+    changed = tiny_model(tiny_config(tokenizer, image_token_id=5))  # config.json edited; the processor says 327
+    with pytest.raises(ValueError, match=r"hold no image token \(id 5, the config's image_token_id\).*compare config"):
+        changed(**inputs)

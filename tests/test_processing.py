@@ -182,3 +182,31 @@ def test_images_nested_per_sample_are_checked_against_each_samples_placeholders(
     flat = processor(images=[first, second, third], text=texts, padding=True, return_tensors="pt")
     torch.testing.assert_close(nested["pixel_values"], flat["pixel_values"], rtol=0, atol=0)
     assert torch.equal(nested["input_ids"], flat["input_ids"])
+
+
+def test_padding_to_a_square_is_bounded_like_pil_decoding(processor, tokenizer, config, tmp_path):
+    """A 140-byte 20000x1 PNG would pad to a 400-million-pixel canvas; PIL only bounds what it decodes."""
+    Image.new("RGB", (20000, 1)).save(tmp_path / "sliver.png")
+    assert (tmp_path / "sliver.png").stat().st_size < 1000
+    with pytest.raises(ValueError, match=r"sliver.png' is 20000x1: padding it to a square would take 20000x20000"):
+        processor(images=[str(tmp_path / "sliver.png")], text="<image>hi")
+    with pytest.raises(ValueError, match=r"An image is 20000x1: padding"):
+        processor(images=[Image.new("RGB", (20000, 1))], text="<image>hi")
+    resized = tiny_processor(tokenizer, config, image_aspect_ratio="resize")
+    assert resized(images=[str(tmp_path / "sliver.png")], text="<image>hi")["pixel_values"][0].shape == (3, 16, 16)
+
+
+def test_unusable_image_files_and_inputs_are_named(processor, tmp_path):
+    (tmp_path / "folder.png").mkdir()
+    with pytest.raises(IsADirectoryError, match="folder.png' is a folder: pass the path of an image file"):
+        processor(images=[str(tmp_path / "folder.png")], text="<image>hi")
+    make_image((64, 64)).save(tmp_path / "whole.jpg")
+    data = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"Cannot read image file '.*cut.jpg' \(.*\): it is truncated or corrupt"):
+        processor(images=[str(tmp_path / "cut.jpg")], text="<image>hi")
+    from_url = processor(images=[f"file://{tmp_path / 'whole.jpg'}"], text="<image>hi", return_tensors="pt")
+    from_path = processor(images=[str(tmp_path / "whole.jpg")], text="<image>hi", return_tensors="pt")
+    torch.testing.assert_close(from_url["pixel_values"], from_path["pixel_values"], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="text is an empty list: give one prompt per sample"):
+        processor(text=[])

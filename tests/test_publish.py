@@ -216,3 +216,44 @@ def test_the_committed_example_card_is_valid():
     data = metadata(card)
     assert data["pipeline_tag"] == "image-text-to-text" and "vl-mamba" in data["tags"]
     assert [metric["name"] for metric in data["model-index"][0]["results"][0]["metrics"]][-1] == "exact match, overall"
+
+
+def test_links_out_of_the_folder_and_pickles_anywhere_are_refused(folders, tmp_path):
+    import pickle
+
+    secret = tmp_path / "secrets.env"
+    secret.write_text("HF_TOKEN=hf_secret")
+    linked = tmp_path / "linked"
+    shutil.copytree(folders["trained"], linked)
+    (linked / "notes.txt").symlink_to(secret)
+    (linked / "etc").symlink_to(tmp_path, target_is_directory=True)
+    api = RecordingHfApi()
+    with pytest.raises(PublishError, match=r"symbolic link etc points outside the folder") as error:
+        push_to_hub(linked, "org/vlmamba-test", token="hf_test", api=api)
+    assert "symbolic link notes.txt points outside the folder" in str(error.value)
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(folders["trained"], pickled)
+    (pickled / "extra").mkdir()
+    for name in ("extra/evil.bin", "model.ckpt", "weights.pickle", "OPT.BIN"):
+        (pickled / name).write_bytes(b"whatever")
+    (pickled / "extra" / "notes.data").write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    torch.save({"w": torch.zeros(2)}, pickled / "blob.dat")  # a zip holding data.pkl
+    with pytest.raises(PublishError, match="pickle files") as error:
+        push_to_hub(pickled, "org/vlmamba-test", token="hf_test", api=api)
+    for name in ("extra/evil.bin", "model.ckpt", "weights.pickle", "OPT.BIN", "extra/notes.data", "blob.dat"):
+        assert f"'{name}'" in str(error.value)
+    assert api.calls == []
+
+
+def test_a_dry_run_leaves_no_staging_folder_and_names_extra_files(folders, tmp_path, caplog, capsys):
+    import logging
+
+    folder = tmp_path / "model"
+    shutil.copytree(folders["trained"], folder)
+    (folder / "optimizer_dump.npy").write_bytes(b"\0" * 4096)
+    with caplog.at_level(logging.WARNING):
+        assert push_to_hub(folder, "org/vlmamba-test", dry_run=True) is None
+    assert "1 files of" in caplog.text and "optimizer_dump.npy  (4,096 bytes)" in caplog.text
+    assert "optimizer_dump.npy" in capsys.readouterr().out
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]  # nothing staged is left behind

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
 
 from tests.conftest import make_image
@@ -364,3 +365,99 @@ def test_two_processes_reach_the_loss_curve_of_one(tmp_path):
     assert results["passed"] and ddp[-1] < ddp[0]
     assert ddp == pytest.approx(single, rel=1e-5)
     assert results["ddp"]["max_weight_difference"] < 1e-4
+
+
+# ---------------------------------------------------------------- hostile data and interrupted runs
+
+
+def test_resume_without_a_checkpoint_says_so_and_keeps_final(workspace):
+    args = arguments(workspace, 1, "nothing-to-resume", "--resume")
+    final = workspace / "nothing-to-resume" / "final"
+    final.mkdir(parents=True)
+    (final / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="--resume: .* holds no complete checkpoint-N to resume from"):
+        train(args)
+    assert (final / "config.json").read_text() == "{}"
+
+
+def test_resume_passes_over_a_checkpoint_whose_save_was_interrupted(workspace, caplog):
+    args = arguments(workspace, 1, "killed-while-saving", "--save-steps", "3")
+    run = build_trainer(args)
+    run.add_callback(InterruptAfter(4))
+    with pytest.raises(Interrupt):
+        run.train()
+    output = workspace / "killed-while-saving"
+    partial = output / "checkpoint-6"  # a save killed before its last file, trainer_state.json
+    shutil.copytree(output / "checkpoint-3", partial)
+    (partial / "trainer_state.json").unlink()
+    args.resume = True
+    with caplog.at_level(logging.WARNING):
+        final = train(args)
+    assert f"{partial} is incomplete" in caplog.text
+    assert (final / "model.safetensors").is_file()
+
+
+def test_image_paths_stay_inside_the_image_folder_unless_allowed(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    make_image().save(tmp_path / "outside.png")
+    turns = [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]
+    for name in ("../outside.png", str(tmp_path / "outside.png"), "/etc/passwd"):
+        data = write_json(tmp_path / "data.json", [{"id": "r", "image": name, "conversations": turns}])
+        with pytest.raises(DataError, match=r"Record r: image paths .* lead out of the image folder .*allow-images"):
+            read_llava_json(data, images)
+    allowed = write_json(tmp_path / "ok.json", [{"id": "r", "image": "../outside.png", "conversations": turns}])
+    rows = read_llava_json(allowed, images, allow_images_outside_folder=True)
+    assert rows[0]["images"] == [str(images / "../outside.png")]
+
+
+def test_decompression_bombs_name_the_record_and_are_skipped_on_request(workspace, tmp_path, monkeypatch, caplog):
+    processor = AutoProcessor.from_pretrained(workspace / "untrained", trust_remote_code=True)
+    make_image().save(tmp_path / "fine.png")
+    Image.new("RGB", (20000, 1)).save(tmp_path / "sliver.png")  # pads to 400 million pixels
+    Image.new("RGB", (64, 64)).save(tmp_path / "dense.png")
+    turns = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]
+    records = [{"id": name, "image": f"{name}.png", "conversations": turns} for name in ("fine", "sliver", "dense")]
+    rows = read_llava_json(write_json(tmp_path / "data.json", records))
+    with pytest.raises(DataError, match=r"Record sliver: cannot use image .*sliver.png: .* is 20000x1: padding"):
+        VisionCollator(processor, stage=2)([rows[0], rows[1]])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64x64 is then over twice the limit: PIL refuses it
+    with pytest.raises(DataError, match=r"Record dense: cannot use image .*dense.png: .*too large to decode"):
+        VisionCollator(processor, stage=2)([rows[0], rows[2]])
+    with caplog.at_level(logging.WARNING):  # --skip-bad-samples checks every image while reading
+        assert read_llava_json(tmp_path / "data.json", skip_bad_samples=True)["id"] == ["fine"]
+    assert "Record dense: unreadable image" in caplog.text and "Record sliver: unreadable image" in caplog.text
+    collator = VisionCollator(processor, stage=2, skip_bad_samples=True)
+    assert collator([rows[0], rows[1], rows[2]])["input_ids"].shape[0] == 1 and collator.skipped == 2
+
+
+def test_evaluate_refuses_a_json_that_is_not_a_list_and_an_empty_batch(workspace, tmp_path):
+    from vlmamba.training.evaluate import evaluate, main
+
+    model = AutoModelForImageTextToText.from_pretrained(workspace / "untrained", trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(workspace / "untrained", trust_remote_code=True)
+    data = write_json(tmp_path / "questions.json", {"questions": []})
+    with pytest.raises(DataError, match="questions.json must hold a list of records, got dict"):
+        evaluate(model, processor, data)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        evaluate(model, processor, workspace / "data" / "heldout.json", batch_size=0)
+    with pytest.raises(SystemExit):  # argparse's usage error, exit status 2
+        main([str(workspace / "untrained"), str(data), "--batch-size", "0"])
+
+
+def test_demo_force_keeps_the_previous_output_until_the_new_one_is_complete(tmp_path, monkeypatch):
+    from vlmamba.training import demo
+
+    output = tmp_path / "demo-output"
+    output.mkdir()
+    (output / "previous.txt").write_text("the last complete run")
+
+    def killed_run(folder, *args):
+        (folder / "data").mkdir()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run", killed_run)
+    with pytest.raises(KeyboardInterrupt):
+        demo.main(["--output-dir", str(output), "--force"])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["demo-output"]
+    assert (output / "previous.txt").read_text() == "the last complete run"
