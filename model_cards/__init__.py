@@ -45,20 +45,22 @@ def parameter_counts(config) -> dict[str, int]:
 
 
 def describe(config) -> dict[str, str]:
-    vision, text = config.vision_config, config.text_config
-    layers = config.vision_feature_layer
+    text = config.text_config
     connector = f"`{config.projector_type}`"
-    if config.projector_type != "mlp":
+    if config.uses_vss:
         connector += (
             f", {config.scan_type} scan ({2 if config.scan_type == 'bidirectional' else 4} directions), "
             f"Mamba mixer d_state={config.vss_state_size}, d_conv={config.vss_conv_kernel}, expand={config.vss_expand}"
         )
+    encoders = [
+        f"{'`' + name + '`: ' if name else ''}{encoder.model_type}, {encoder.num_hidden_layers} layers, width "
+        f"{encoder.hidden_size}, {encoder.image_size} px in {encoder.patch_size} px patches; features of layer(s) "
+        f"{config.feature_layers(name)}"
+        for name, encoder in config.vision_encoders.items()
+    ]
+    fused = "; concatenated on channels" if config.is_fused_vision else ""
     return {
-        "vision": (
-            f"{vision.model_type}, {vision.num_hidden_layers} layers, width {vision.hidden_size}, "
-            f"{vision.image_size} px in {vision.patch_size} px patches; features of layer(s) {layers}, "
-            f"`{config.vision_feature_select_strategy}` token selection"
-        ),
+        "vision": f"{' + '.join(encoders)}{fused}, `{config.vision_feature_select_strategy}` token selection",
         "connector": connector,
         "language_model": (
             f"Mamba, {text.num_hidden_layers} layers, width {text.hidden_size}, d_state {text.state_size}, "

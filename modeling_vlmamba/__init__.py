@@ -6,7 +6,7 @@ Importing this package registers the classes with the transformers Auto* factori
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
-from .configuration_vlmamba import VLMambaConfig
+from .configuration_vlmamba import VLMambaConfig, VLMambaVisionConfig
 from .modeling_vlmamba import (
     LORA_TARGET_MODULES,
     VisionSelectiveScan,
@@ -14,10 +14,11 @@ from .modeling_vlmamba import (
     VLMambaModel,
     VLMambaMultiModalProjector,
     VLMambaPreTrainedModel,
+    VLMambaVisionTower,
     cross_scan,
     merge_scans,
 )
-from .processing_vlmamba import DEFAULT_CHAT_TEMPLATE, VLMambaProcessor
+from .processing_vlmamba import DEFAULT_CHAT_TEMPLATE, IMAGES_FIRST_CHAT_TEMPLATE, VLMambaProcessor
 
 AutoConfig.register(VLMambaConfig.model_type, VLMambaConfig, exist_ok=True)
 AutoModel.register(VLMambaConfig, VLMambaModel, exist_ok=True)
@@ -31,6 +32,7 @@ VLMambaProcessor.register_for_auto_class()
 
 __all__ = [
     "DEFAULT_CHAT_TEMPLATE",
+    "IMAGES_FIRST_CHAT_TEMPLATE",
     "LORA_TARGET_MODULES",
     "VLMambaConfig",
     "VLMambaForConditionalGeneration",
@@ -38,6 +40,8 @@ __all__ = [
     "VLMambaMultiModalProjector",
     "VLMambaPreTrainedModel",
     "VLMambaProcessor",
+    "VLMambaVisionConfig",
+    "VLMambaVisionTower",
     "VisionSelectiveScan",
     "cross_scan",
     "merge_scans",

@@ -25,7 +25,7 @@ from transformers.utils.generic import can_return_tuple
 from transformers.utils.import_utils import torch_compilable_check
 from transformers.utils.output_capturing import selected_hidden_states
 
-from .configuration_vlmamba import VLMambaConfig, vision_attention
+from .configuration_vlmamba import VLMambaConfig, VLMambaVisionConfig, vision_attention
 from .decode_kernels import add_rms_norm
 
 IGNORE_INDEX = -100
@@ -118,17 +118,23 @@ class VisionSelectiveScan(nn.Module):
 class VLMambaMultiModalProjector(nn.Module):
     """The multimodal connector (paper Sec. 3.2.3); V is `(num_images, N, Dv)` and the output `(num_images, N, Dt)`.
 
-    - `mlp`:     Linear(Dt, Dt)(GELU(Linear(Dv, Dt)(V)))
-    - `vss_mlp`: V = LayerNorm(VSS_Dv(V) + V), then the MLP above
-    - `vss_l2`:  V' = Linear(Dv, Dt)(V);  Linear(Dt, Dt)(LayerNorm(VSS_Dt(GELU(V')) + V'))
+    - `mlp`:            Linear(Dt, Dt)(GELU(Linear(Dv, Dt)(V)))
+    - `vss_mlp`:        V = LayerNorm(VSS_Dv(V) + V), then the MLP above
+    - `vss_l2`:         V' = Linear(Dv, Dt)(V);  Linear(Dt, Dt)(LayerNorm(VSS_Dt(GELU(V')) + V'))
+    - `fused_gelu_mlp`: Linear(Dt, Dt)(GELU(Linear(4 Dv, Dt)(GELU(Linear(Dv, 4 Dv)(V))))), Cobra's connector
     """
 
     def __init__(self, config: VLMambaConfig):
         super().__init__()
         vision_size, text_size = config.vision_feature_size, config.text_config.hidden_size
         self.projector_type = config.projector_type
-        self.linear_1 = nn.Linear(vision_size, text_size)
         self.act = ACT2FN[config.projector_hidden_act]
+        if self.projector_type == "fused_gelu_mlp":
+            self.linear_1 = nn.Linear(vision_size, 4 * vision_size)
+            self.linear_2 = nn.Linear(4 * vision_size, text_size)
+            self.linear_3 = nn.Linear(text_size, text_size)
+            return
+        self.linear_1 = nn.Linear(vision_size, text_size)
         self.linear_2 = nn.Linear(text_size, text_size)
         if config.uses_vss:
             scan_size = vision_size if self.projector_type == "vss_mlp" else text_size
@@ -136,6 +142,8 @@ class VLMambaMultiModalProjector(nn.Module):
             self.norm = nn.LayerNorm(scan_size, eps=config.connector_norm_eps)
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        if self.projector_type == "fused_gelu_mlp":
+            return self.linear_3(self.act(self.linear_2(self.act(self.linear_1(image_features)))))
         if self.projector_type == "vss_mlp":
             image_features = self.norm(self.vss(image_features) + image_features)
         hidden_states = self.linear_1(image_features)
@@ -243,6 +251,49 @@ class VLMambaPreTrainedModel(PreTrainedModel):
         self._no_split_modules = {name for name in self._no_split_modules if name in built}
 
 
+class VLMambaVisionTower(PreTrainedModel):
+    """A fused vision tower (`VLMambaVisionConfig`): its encoders see the same image, each on its own channels of
+    `pixel_values` `(num_images, sum of the encoders' num_channels, height, width)`, in their config's order."""
+
+    config: VLMambaVisionConfig
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def __init__(self, config: VLMambaVisionConfig):
+        super().__init__(config)
+        for name, encoder in config.encoders.items():
+            if hasattr(self, name):
+                raise ValueError(f"Encoder name {name!r} is taken by the vision tower's own attributes: rename it.")
+            # Direct children, so that post_init gathers their `_no_split_modules` and the like.
+            self.add_module(name, AutoModel.from_config(encoder))
+        self.post_init()
+
+    @property
+    def encoders(self) -> dict[str, PreTrainedModel]:
+        """Encoder name -> model, in the order of their channels and features."""
+        return {name: getattr(self, name) for name in self.config.encoders}
+
+    def forward(
+        self, pixel_values: torch.FloatTensor, output_hidden_states: dict[str, bool | list[int]], **kwargs
+    ) -> dict[str, BaseModelOutputWithPooling]:
+        """Every encoder's outputs on its channels; `output_hidden_states` says, per encoder, what to capture."""
+        outputs, start = {}, 0
+        for name, encoder in self.encoders.items():
+            end = start + encoder.config.num_channels
+            outputs[name] = encoder(
+                pixel_values[:, start:end].to(encoder.dtype),
+                output_hidden_states=output_hidden_states[name],
+                return_dict=True,
+                **kwargs,
+            )
+            start = end
+        return outputs
+
+
 def image_token_mismatch(num_tokens: int, num_images: int, per_image: int, image_token_id: int) -> str:
     """The error for inputs whose image tokens cannot hold `num_images` images of `per_image` tokens each: the
     images do not match the placeholders, the processor expands each placeholder to another count, or its <image>
@@ -270,7 +321,11 @@ class VLMambaModel(VLMambaPreTrainedModel):
 
     def __init__(self, config: VLMambaConfig):
         super().__init__(config)
-        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.vision_tower = (
+            VLMambaVisionTower(config.vision_config)
+            if config.is_fused_vision
+            else AutoModel.from_config(config.vision_config)
+        )
         self.multi_modal_projector = VLMambaMultiModalProjector(config)
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
@@ -317,22 +372,48 @@ class VLMambaModel(VLMambaPreTrainedModel):
             `(num_images, image_seq_length, text_hidden_size)`, and whose `hidden_states` are those asked for.
         """
         self._check_pixel_values(pixel_values)
-        layers = self.config.vision_feature_layer
-        layers = [layers] if isinstance(layers, int) else list(layers)
         requested = kwargs.pop("output_hidden_states", None)
         # Capture the selected layers (and those the caller asked for) only: the others are never stored.
-        capture = True if requested is True else layers + (selected_hidden_states(requested) or [])
-        outputs = self.vision_tower(
-            pixel_values.to(self.vision_tower.dtype), output_hidden_states=capture, return_dict=True, **kwargs
+        capture = {
+            name: True
+            if requested is True
+            else self.config.feature_layers(name) + (selected_hidden_states(requested) or [])
+            for name in self.config.vision_encoders
+        }
+        if self.config.is_fused_vision:
+            outputs = self.vision_tower(pixel_values, output_hidden_states=capture, **kwargs)
+        else:
+            tower = self.vision_tower
+            outputs = {
+                None: tower(
+                    pixel_values.to(tower.dtype), output_hidden_states=capture[None], return_dict=True, **kwargs
+                )
+            }
+        features = torch.cat(
+            [
+                torch.cat([output.hidden_states[layer] for layer in self.config.feature_layers(name)], dim=-1)[
+                    :, self.config.num_dropped_tokens(name) :
+                ]
+                for name, output in outputs.items()
+            ],
+            dim=-1,
         )
-        features = torch.cat([outputs.hidden_states[layer] for layer in layers], dim=-1)
-        if self.config.vision_feature_select_strategy == "default":
-            features = features[:, 1:]
+        if not self.config.is_fused_vision:
+            (output,) = outputs.values()
+            return BaseModelOutputWithPooling(
+                last_hidden_state=output.last_hidden_state,
+                pooler_output=self.multi_modal_projector(features),
+                hidden_states=keep_requested_states(output.hidden_states, requested),
+                attentions=output.attentions,
+            )
+        # A fused tower: the concatenated patch features, and each encoder's hidden states and attentions in turn.
         return BaseModelOutputWithPooling(
-            last_hidden_state=outputs.last_hidden_state,
+            last_hidden_state=features,
             pooler_output=self.multi_modal_projector(features),
-            hidden_states=keep_requested_states(outputs.hidden_states, requested),
-            attentions=outputs.attentions,
+            hidden_states=tuple(keep_requested_states(o.hidden_states, requested) for o in outputs.values())
+            if requested
+            else None,
+            attentions=tuple(o.attentions for o in outputs.values()) if kwargs.get("output_attentions") else None,
         )
 
     def image_token_mask(
@@ -829,6 +910,7 @@ __all__ = [
     "VLMambaModel",
     "VLMambaPreTrainedModel",
     "VLMambaMultiModalProjector",
+    "VLMambaVisionTower",
     "VisionSelectiveScan",
     "cross_scan",
     "merge_scans",

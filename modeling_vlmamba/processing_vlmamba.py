@@ -4,6 +4,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
+import numpy as np
 import PIL.Image
 import PIL.ImageOps
 from transformers import ProcessorMixin
@@ -18,28 +19,46 @@ IMAGE_ASPECT_RATIOS = ("pad", "resize")
 RGB_CONVERTIBLE_MODES = ("1", "L", "P", "RGB", "CMYK", "YCbCr", "LAB", "HSV")
 ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
 
-# Zephyr style, as mamba-2.8b-zephyr and Cobra: `<|user|>\n{images}{text}<|endoftext|>\n<|assistant|>\n...`.
-# The `generation` block marks assistant tokens (end-of-text included) for assistant-only loss.
-DEFAULT_CHAT_TEMPLATE = (
-    "{%- macro render(content) -%}"
-    "{%- if content is string -%}{{- content -}}"
-    "{%- else -%}{%- for block in content -%}"
-    "{%- if block['type'] == 'image' -%}{{- '<image>' -}}"
-    "{%- elif block['type'] == 'text' -%}{{- block['text'] -}}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{%- endmacro -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] not in ('system', 'user', 'assistant') -%}"
-    "{{- raise_exception('VL-Mamba chat roles are system, user and assistant, got ' + message['role']) -}}"
-    "{%- endif -%}"
-    "{{- '<|' + message['role'] + '|>\\n' -}}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{%- generation -%}{{- render(message['content']) + '<|endoftext|>' -}}{%- endgeneration -%}"
-    "{%- else -%}{{- render(message['content']) + '<|endoftext|>' -}}{%- endif -%}"
-    "{{- '\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"
-)
+
+def zephyr_chat_template(images_first: bool = False) -> str:
+    """The Zephyr chat format of mamba-2.8b-zephyr and Cobra: `<|user|>\\n{text}<|endoftext|>\\n<|assistant|>\\n...`.
+
+    The `generation` block marks assistant tokens (end-of-text included) for assistant-only loss. By default each
+    image's `<image>` goes where its block is in the conversation; `images_first=True` puts every image before the
+    whole conversation and strips each message's text, as Cobra's prompt builder does.
+    """
+    text = "{{- block['text'] | trim -}}" if images_first else "{{- block['text'] -}}"
+    image = "" if images_first else "{{- '<image>' -}}"
+    leading_images = (
+        "{%- for message in messages -%}{%- if message['content'] is not string -%}"
+        "{%- for block in message['content'] -%}{%- if block['type'] == 'image' -%}{{- '<image>' -}}{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}{%- endfor -%}"
+        if images_first
+        else ""
+    )
+    return (
+        "{%- macro render(content) -%}"
+        "{%- if content is string -%}{{- content" + (" | trim" if images_first else "") + " -}}"
+        "{%- else -%}{%- for block in content -%}"
+        "{%- if block['type'] == 'image' -%}" + image + "{%- elif block['type'] == 'text' -%}" + text + "{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}"
+        "{%- endmacro -%}" + leading_images + "{%- for message in messages -%}"
+        "{%- if message['role'] not in ('system', 'user', 'assistant') -%}"
+        "{{- raise_exception('VL-Mamba chat roles are system, user and assistant, got ' + message['role']) -}}"
+        "{%- endif -%}"
+        "{{- '<|' + message['role'] + '|>\\n' -}}"
+        "{%- if message['role'] == 'assistant' -%}"
+        "{%- generation -%}{{- render(message['content']) + '<|endoftext|>' -}}{%- endgeneration -%}"
+        "{%- else -%}{{- render(message['content']) + '<|endoftext|>' -}}{%- endif -%}"
+        "{{- '\\n' -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"
+    )
+
+
+DEFAULT_CHAT_TEMPLATE = zephyr_chat_template()
+# Cobra's format: the images before all text, no placeholder in the conversation.
+IMAGES_FIRST_CHAT_TEMPLATE = zephyr_chat_template(images_first=True)
 
 
 def _flatten(images) -> list:
@@ -153,7 +172,12 @@ class VLMambaProcessor(ProcessorMixin):
         image_aspect_ratio (`str`, defaults to `"pad"`): `"pad"` pads each image to a square with the image
             processor's mean colour before resizing (LLaVA-1.5); `"resize"` hands it to the image processor as it is.
         image_token (`str`, defaults to `"<image>"`): the placeholder token.
-        chat_template (`str`, *optional*): defaults to the Zephyr-style `DEFAULT_CHAT_TEMPLATE`.
+        chat_template (`str`, *optional*): defaults to the Zephyr-style `DEFAULT_CHAT_TEMPLATE`;
+            `IMAGES_FIRST_CHAT_TEMPLATE` puts the images before the whole conversation (Cobra).
+        image_normalizations (`list[dict]`, *optional*): for a fused vision tower, each encoder's `{"mean": [...],
+            "std": [...]}`, in the tower's order. The image processor then resizes and rescales each image once, and
+            `pixel_values` stack its normalisation for every encoder on the channel axis: `(num_images,
+            3 * len(image_normalizations), height, width)`.
     """
 
     def __init__(
@@ -165,6 +189,7 @@ class VLMambaProcessor(ProcessorMixin):
         image_aspect_ratio: str = "pad",
         image_token: str = IMAGE_TOKEN,
         chat_template: str | None = None,
+        image_normalizations: list[dict] | None = None,
         **kwargs,
     ):
         if image_aspect_ratio not in IMAGE_ASPECT_RATIOS:
@@ -188,8 +213,21 @@ class VLMambaProcessor(ProcessorMixin):
                 f"The tokenizer splits {image_token!r} into {len(token_ids)} tokens; it must be one special token. "
                 f"Add it with tokenizer.add_tokens([{image_token!r}], special_tokens=True)."
             )
+        if image_normalizations is not None and not (
+            isinstance(image_normalizations, list | tuple)
+            and image_normalizations
+            and all(
+                isinstance(norm, dict) and set(norm) == {"mean", "std"} and len(norm["mean"]) == len(norm["std"])
+                for norm in image_normalizations
+            )
+        ):
+            raise ValueError(
+                "image_normalizations must be a non-empty list of {'mean': [...], 'std': [...]}, one per encoder, "
+                f"got {image_normalizations!r}."
+            )
         self.image_seq_length = image_seq_length
         self.patch_size = patch_size
+        self.image_normalizations = None if image_normalizations is None else [dict(n) for n in image_normalizations]
         self.image_aspect_ratio = image_aspect_ratio
         self.image_token = image_token
         self.image_token_id = token_ids[0]
@@ -237,7 +275,21 @@ class VLMambaProcessor(ProcessorMixin):
         super().validate_inputs(images=images, text=text, videos=videos, audio=audio, **kwargs)
 
     def _process_images(self, images, **kwargs):
-        return super()._process_images(_flatten(images), **kwargs)
+        images = _flatten(images)
+        if self.image_normalizations is None:
+            return super()._process_images(images, **kwargs)
+        # One resize (and rescale to [0, 1]), then every encoder's normalisation, stacked on the channel axis.
+        kwargs = {**kwargs, "do_normalize": False, "return_tensors": "np"}
+        processed, replacements = super()._process_images(images, **kwargs)
+        pixels = np.asarray(processed["pixel_values"], dtype=np.float32)
+        processed["pixel_values"] = np.concatenate(
+            [
+                (pixels - np.float32(norm["mean"])[:, None, None]) / np.float32(norm["std"])[:, None, None]
+                for norm in self.image_normalizations
+            ],
+            axis=1,
+        )
+        return processed, replacements
 
     def prepare_image(self, image) -> PIL.Image.Image:
         """Any image input `load_rgb_image` takes -> the RGB PIL image the image processor gets (padded to a square
@@ -245,8 +297,11 @@ class VLMambaProcessor(ProcessorMixin):
         name = f"Image file '{image}'" if isinstance(image, str | Path) else "An image"
         image = load_rgb_image(image)
         if self.image_aspect_ratio == "pad":
-            # int(), as LLaVA's expand2square computes the background
-            mean = tuple(int(255 * mean) for mean in self.image_processor.image_mean)
+            # int(), as LLaVA's expand2square computes the background (the first encoder's mean for a fused tower)
+            means = (
+                self.image_normalizations[0]["mean"] if self.image_normalizations else self.image_processor.image_mean
+            )
+            mean = tuple(int(255 * mean) for mean in means)
             image = expand_to_square(image, mean, name)
         return image
 
@@ -254,4 +309,11 @@ class VLMambaProcessor(ProcessorMixin):
         return self.image_token * self.image_seq_length
 
 
-__all__ = ["VLMambaProcessor", "DEFAULT_CHAT_TEMPLATE", "IMAGE_TOKEN", "EOS_TOKEN", "PAD_TOKEN"]
+__all__ = [
+    "VLMambaProcessor",
+    "DEFAULT_CHAT_TEMPLATE",
+    "IMAGES_FIRST_CHAT_TEMPLATE",
+    "IMAGE_TOKEN",
+    "EOS_TOKEN",
+    "PAD_TOKEN",
+]

@@ -88,10 +88,10 @@ def test_bad_values_are_rejected_with_the_field_and_choices(tokenizer, kwargs, m
 
 def test_a_vision_scan_needs_exactly_the_patch_grid():
     with pytest.raises(
-        ValueError, match=r"needs the 4x4 patch grid.*clip_vision_model \(a CLS token\) gives 17 tokens"
+        ValueError, match=r"needs the 4x4 patch grid.*clip_vision_model \(1 prefix tokens\) gives 17 tokens"
     ):
         VLMambaConfig(vision_config=dict(TINY_CLIP), text_config=dict(TINY_MAMBA), image_token_id=5)
-    with pytest.raises(ValueError, match=r"\(no CLS token\) gives 15 tokens.*strategy='full'"):
+    with pytest.raises(ValueError, match=r"\(0 prefix tokens\) gives 15 tokens.*strategy='patch'"):
         VLMambaConfig(
             vision_config=dict(TINY_SIGLIP),
             text_config=dict(TINY_MAMBA),

@@ -10,8 +10,10 @@ from collections.abc import Iterable
 import torch
 from transformers import CLIPImageProcessorPil, PreTrainedTokenizerBase, SiglipImageProcessorPil
 from transformers.image_processing_utils import BaseImageProcessor
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from modeling_vlmamba import VLMambaConfig, VLMambaForConditionalGeneration, VLMambaProcessor
+from modeling_vlmamba.configuration_vlmamba import PROJECTOR_TYPES, SCAN_TYPES
 from vlmamba.cli import run_tool
 from vlmamba.conversion.convert_mamba_ssm import pad_vocab_size
 from vlmamba.conversion.hub_folder import save_folder
@@ -30,6 +32,25 @@ TINY_SIGLIP = {
     "vision_use_head": False,
 }
 TINY_CLIP = {**{k: v for k, v in TINY_SIGLIP.items() if k != "vision_use_head"}, "model_type": "clip_vision_model"}
+TINY_DINOV2 = {
+    "model_type": "dinov2_with_registers",
+    "hidden_size": 24,
+    "mlp_ratio": 2,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": 16,
+    "patch_size": 4,
+    "num_register_tokens": 4,
+}
+# Cobra's pair at tiny sizes: DINOv2 with registers and SigLIP, their patch features concatenated.
+TINY_FUSED = {"model_type": "vlmamba_vision", "encoders": {"dino": TINY_DINOV2, "siglip": TINY_SIGLIP}}
+TINY_VISION = {"siglip": TINY_SIGLIP, "clip": TINY_CLIP, "dino-siglip": TINY_FUSED}
+# Each encoder family's own normalisation (its pretrained image processors use these).
+NORMALIZATIONS = {
+    "dinov2_with_registers": {"mean": list(IMAGENET_DEFAULT_MEAN), "std": list(IMAGENET_DEFAULT_STD)},
+    "siglip_vision_model": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+    "clip_vision_model": {"mean": list(OPENAI_CLIP_MEAN), "std": list(OPENAI_CLIP_STD)},
+}
 TINY_MAMBA = {
     "model_type": "mamba",
     "hidden_size": 32,
@@ -54,15 +75,15 @@ def tiny_config(
     vision = vision or TINY_SIGLIP
     kwargs.setdefault("vss_state_size", 4)
     kwargs.setdefault("image_token_id", tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
-    kwargs.setdefault(
-        "vision_feature_select_strategy", "default" if vision["model_type"] == "clip_vision_model" else "full"
-    )
+    if vision["model_type"] == "clip_vision_model":
+        kwargs.setdefault("vision_feature_select_strategy", "default")
     text = {**TINY_MAMBA, "vocab_size": pad_vocab_size(len(tokenizer)), **(text or {})}
     return VLMambaConfig(vision_config=dict(vision), text_config=text, **kwargs)
 
 
 def image_processor_for(config: VLMambaConfig) -> BaseImageProcessor:
-    """The PIL image processor of the config's vision encoder, at its image size."""
+    """The PIL image processor of the config's vision encoder, at its image size (for a fused tower, a plain resize:
+    the processor then applies each encoder's normalisation)."""
     size = config.vision_config.image_size
     if config.vision_config.model_type == "clip_vision_model":
         return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
@@ -70,6 +91,10 @@ def image_processor_for(config: VLMambaConfig) -> BaseImageProcessor:
 
 
 def tiny_processor(tokenizer: PreTrainedTokenizerBase, config: VLMambaConfig, **kwargs) -> VLMambaProcessor:
+    if config.is_fused_vision:
+        kwargs.setdefault(
+            "image_normalizations", [NORMALIZATIONS[encoder.model_type] for encoder in config.vision_encoders.values()]
+        )
     return VLMambaProcessor(
         image_processor_for(config),
         tokenizer,
@@ -103,12 +128,17 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         prog=prog, description="Write a tiny random VL-Mamba folder (to try the API offline)."
     )
     parser.add_argument("output_dir")
-    parser.add_argument("--projector-type", default="vss_l2", choices=["mlp", "vss_mlp", "vss_l2"])
-    parser.add_argument("--scan-type", default="bidirectional", choices=["bidirectional", "cross"])
+    parser.add_argument("--vision", default="siglip", choices=TINY_VISION, help="vision tower (dino-siglip: fused)")
+    parser.add_argument("--projector-type", default="vss_l2", choices=PROJECTOR_TYPES)
+    parser.add_argument("--scan-type", default="bidirectional", choices=SCAN_TYPES)
     parser.add_argument("--force", action="store_true", help="overwrite an existing output folder")
     args = parser.parse_args(argv)
     folder = build_tiny_folder(
-        args.output_dir, force=args.force, projector_type=args.projector_type, scan_type=args.scan_type
+        args.output_dir,
+        force=args.force,
+        vision=TINY_VISION[args.vision],
+        projector_type=args.projector_type,
+        scan_type=args.scan_type,
     )
     print(f"Tiny VL-Mamba saved to {folder}")
 
