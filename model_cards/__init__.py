@@ -102,6 +102,7 @@ def render_card(
         image_seq_length=config.image_seq_length,
         training=data.get("training", []),
         evaluation=evaluation,
+        citations=data.get("citations", []),
         **describe(config),
     )
 

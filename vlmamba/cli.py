@@ -20,6 +20,7 @@ TOOLS = {
     "compose": ("vlmamba.conversion.compose", "compose an untrained VL-Mamba from a vision encoder and a Mamba LLM"),
     "convert-mamba-ssm": ("vlmamba.conversion.convert_mamba_ssm", "convert a raw mamba_ssm LLM to transformers"),
     "convert-llava": ("vlmamba.conversion.convert_llava", "convert a LLaVA-style Mamba VLM or stage-1 connector"),
+    "convert-cobra": ("vlmamba.conversion.convert_cobra", "convert a Cobra checkpoint (DINOv2 + SigLIP + Mamba)"),
     "train": ("vlmamba.training.sft", "train stage 1 (alignment) or 2 (instruction tuning) with TRL"),
     "evaluate": ("vlmamba.training.evaluate", "exact-match accuracy on held-out LLaVA-JSON questions"),
     "push": ("vlmamba.conversion.push_to_hub", "publish a VL-Mamba folder to the Hugging Face Hub"),

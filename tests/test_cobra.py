@@ -1,0 +1,223 @@
+"""Cobra checkpoints converted to VL-Mamba: a tiny random Cobra run in Cobra's exact layout (timm encoders at small
+sizes, the projector and the mamba_ssm LLM under `llm.`) against a reference forward written from Cobra's and timm's
+code (tests/reference_cobra.py); and fused-encoder models through composing, training, LoRA and publishing."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from modeling_vlmamba import IMAGES_FIRST_CHAT_TEMPLATE, VLMambaForConditionalGeneration, VLMambaProcessor
+from tests.conftest import make_image
+from tests.reference_cobra import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SIGLIP_MEAN,
+    SIGLIP_STD,
+    cobra_logits,
+    cobra_transform,
+    write_cobra_checkpoint,
+    write_timm_vit,
+)
+from tests.reference_models import raw_mamba_config
+from vlmamba.conversion.checkpoint import ConversionError
+from vlmamba.conversion.convert_cobra import convert_cobra
+from vlmamba.training.tiny import SAMPLE_TEXT
+from vlmamba.training.tokenizer import train_gpt_neox_tokenizer
+
+# Targets of the issue: converted vs reference logits, CPU fp32; processor pixels vs Cobra's transform.
+LOGITS_ATOL = 1e-4
+PIXELS_ATOL = 1e-6
+IMAGE_SIZE, PATCH = 16, 4  # Cobra's encoders run at 384 px in 14 px patches; tiny: 16 px in 4 px patches
+# DINOv2 trained at 24 px (a 6x6 grid, resampled to 4x4 as timm does at 384 px); SigLIP at the run size.
+ENCODERS = {
+    "dino": {"family": "dinov2_reg4", "embed_dim": 32, "depth": 3, "num_heads": 4, "img_size": 24},
+    "siglip": {"family": "siglip", "embed_dim": 24, "depth": 3, "num_heads": 2, "img_size": 16},
+}
+NORMALIZATION = {"dino": (IMAGENET_MEAN, IMAGENET_STD), "siglip": (SIGLIP_MEAN, SIGLIP_STD)}
+QUESTION = "What colour is the square?"
+
+
+def reference_vision(names) -> dict:
+    return {
+        name: {"family": ENCODERS[name]["family"], "num_heads": ENCODERS[name]["num_heads"], "patch_size": PATCH}
+        | {"img_size": IMAGE_SIZE}
+        for name in names
+    }
+
+
+@pytest.fixture(scope="module")
+def cobra(tmp_path_factory):
+    """A tiny Cobra run (cobra+3b's layout), its timm encoders (SigLIP also as OpenCLIP's file) and a tokenizer."""
+    root = tmp_path_factory.mktemp("cobra")
+    tokenizer = train_gpt_neox_tokenizer(SAMPLE_TEXT + [QUESTION], image_token=False)
+    tokenizer.save_pretrained(root / "tokenizer")
+    raw = raw_mamba_config(vocab_size=len(tokenizer) + 1)  # room for <image>, as GPT-NeoX's 50277 in 50280
+    vision = {}
+    for name, spec in ENCODERS.items():
+        args = {k: v for k, v in spec.items() if k != "family"}
+        vision[name] = write_timm_vit(root / name, spec["family"], patch_size=PATCH, seed=len(name), **args)
+    write_timm_vit(
+        root / "siglip-openclip",
+        "siglip",
+        patch_size=PATCH,
+        seed=6,
+        open_clip=True,
+        **{k: v for k, v in ENCODERS["siglip"].items() if k != "family"},
+    )
+    dim = sum(spec["embed_dim"] for spec in ENCODERS.values())
+    state = write_cobra_checkpoint(root / "cobra+3b", raw_llm=raw, vision_dim=dim)
+    return {"root": root, "raw": raw, "vision": vision, "state": state}
+
+
+def convert(cobra, out: str, run: str = "cobra+3b", **kwargs):
+    root = cobra["root"]
+    kwargs = {"dino": root / "dino", "siglip": root / "siglip", "tokenizer": root / "tokenizer", **kwargs}
+    return convert_cobra(root / run, root / out, image_size=IMAGE_SIZE, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def converted(cobra):
+    return convert(cobra, "converted")
+
+
+def cobra_inputs(processor: VLMambaProcessor, image: Image.Image, question: str = QUESTION) -> dict:
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    return processor(images=[image], text=prompt, return_tensors="pt")
+
+
+def test_processor_pixels_are_cobras_transform_per_encoder(converted):
+    processor = VLMambaProcessor.from_pretrained(converted)
+    assert processor.chat_template == IMAGES_FIRST_CHAT_TEMPLATE and processor.image_aspect_ratio == "resize"
+    for size in ((37, 23), (16, 16), (9, 40)):
+        image = make_image(size)
+        pixels = processor(images=[image], text="<image>hi", return_tensors="pt")["pixel_values"][0]
+        assert pixels.shape == (6, IMAGE_SIZE, IMAGE_SIZE)
+        for index, name in enumerate(("dino", "siglip")):
+            expected = cobra_transform(image, IMAGE_SIZE, *NORMALIZATION[name])
+            torch.testing.assert_close(pixels[3 * index : 3 * index + 3], expected, rtol=0, atol=PIXELS_ATOL)
+
+
+def test_converted_cobra_computes_cobras_logits_and_greedy_tokens(cobra, converted):
+    model = VLMambaForConditionalGeneration.from_pretrained(converted).eval()
+    assert model.config.projector_type == "fused_gelu_mlp" and model.config.image_seq_length == 16
+    processor = VLMambaProcessor.from_pretrained(converted)
+    image = make_image((30, 20))
+    inputs = cobra_inputs(processor, image)
+    image_tokens = model.config.image_seq_length
+    assert (inputs["input_ids"][0, :image_tokens] == model.config.image_token_id).all()  # the image comes first
+    text_ids = inputs["input_ids"][:, image_tokens:]
+    tokenizer = processor.tokenizer
+    assert tokenizer.decode(text_ids[0]) == f"<|user|>\n{QUESTION}<|endoftext|>\n<|assistant|>\n"  # Cobra's prompt
+    pixels = {name: cobra_transform(image, IMAGE_SIZE, *NORMALIZATION[name])[None] for name in ("dino", "siglip")}
+
+    def reference(ids: torch.LongTensor) -> torch.Tensor:
+        vision = reference_vision(("dino", "siglip"))
+        return cobra_logits(cobra["state"], cobra["vision"], cobra["raw"], ids, pixels, vision=vision)
+
+    with torch.no_grad():
+        ours = model(**inputs).logits
+    torch.testing.assert_close(ours, reference(text_ids), rtol=0, atol=LOGITS_ATOL)
+
+    generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+    ids = text_ids
+    for _ in range(6):  # Cobra's greedy decoding: argmax over the whole vocabulary, step by step
+        ids = torch.cat([ids, reference(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert generated.tolist() == ids[0, text_ids.shape[1] :].tolist()
+
+
+def test_open_clip_siglip_and_the_single_encoder_variant(cobra, converted):
+    """timm 0.9 (Cobra's) loads SigLIP from OpenCLIP's file: the same weights (seed 6) convert to the same tensors."""
+    root = cobra["root"]
+    from_open_clip = load_file(convert(cobra, "from-open-clip", siglip=root / "siglip-openclip") / "model.safetensors")
+    native = load_file(converted / "model.safetensors")
+    assert from_open_clip.keys() == native.keys()
+    assert all(torch.equal(from_open_clip[key], native[key]) for key in native)
+
+    raw = cobra["raw"]
+    state = write_cobra_checkpoint(
+        root / "cobra-siglip+3b",
+        raw_llm=raw,
+        vision_dim=ENCODERS["siglip"]["embed_dim"],
+        model_id="cobra-siglip+3b",
+        arch_specifier="no-align+gelu-mlp",
+        vision_backbone_id="siglip-vit-so400m-384px",
+    )
+    out = convert(cobra, "siglip-only", run="cobra-siglip+3b")
+    model = VLMambaForConditionalGeneration.from_pretrained(out).eval()
+    assert model.config.projector_type == "mlp" and not model.config.is_fused_vision
+    processor = VLMambaProcessor.from_pretrained(out)
+    image = make_image((20, 30))
+    inputs = cobra_inputs(processor, image)
+    pixels = {"siglip": cobra_transform(image, IMAGE_SIZE, *NORMALIZATION["siglip"])[None]}
+    torch.testing.assert_close(inputs["pixel_values"], pixels["siglip"], rtol=0, atol=PIXELS_ATOL)
+    expected = cobra_logits(
+        state,
+        {"siglip": cobra["vision"]["siglip"]},
+        raw,
+        inputs["input_ids"][:, model.config.image_seq_length :],
+        pixels,
+        vision=reference_vision(("siglip",)),
+        arch_specifier="no-align+gelu-mlp",
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=LOGITS_ATOL)
+
+
+def leftovers(folder) -> list[str]:
+    return sorted(path.name for path in folder.iterdir() if path.name.startswith("."))
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("missing", r"1 missing \(no source tensor\):\n  model.vision_tower.dino.encoder.layer.1.mlp.fc2.weight"),
+        ("extra", r"1 unexpected \(no target tensor\):\n  dino/blocks.0.attn.extra"),
+        ("misshaped", r"wrong shape or dtype:\n  siglip/blocks.2.mlp.fc1.weight -> model.vision_tower.siglip"),
+    ],
+)
+def test_every_timm_tensor_is_accounted_for(cobra, tmp_path, how, message):
+    root = cobra["root"]
+    broken = {"dino": tmp_path / "dino", "siglip": tmp_path / "siglip"}
+    for name, folder in broken.items():
+        shutil.copytree(root / name, folder)
+    name = "siglip" if how == "misshaped" else "dino"
+    weights = load_file(broken[name] / "model.safetensors")
+    if how == "missing":
+        del weights["blocks.1.mlp.fc2.weight"]
+    elif how == "extra":
+        weights["blocks.0.attn.extra"] = torch.zeros(3)
+    else:
+        weights["blocks.2.mlp.fc1.weight"] = weights["blocks.2.mlp.fc1.weight"][:-1]
+    save_file(weights, broken[name] / "model.safetensors")
+    with pytest.raises(ConversionError, match=message):
+        convert(cobra, "broken", dino=broken["dino"], siglip=broken["siglip"])
+    assert not (root / "broken").exists() and leftovers(root) == []
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"llm_backbone_id": "mamba-2.8b-slimpj"}, "llm_backbone_id='mamba-2.8b-slimpj' \\(a prompt format other"),
+        ({"arch_specifier": "no-align+fused-ldpnet"}, "arch_specifier='no-align\\+fused-ldpnet'"),
+        ({"image_resize_strategy": "letterbox"}, "image_resize_strategy='letterbox'"),
+    ],
+)
+def test_variants_it_cannot_express_are_refused_with_the_supported_list(cobra, tmp_path, change, message):
+    run = tmp_path / "variant"
+    shutil.copytree(cobra["root"] / "cobra+3b", run)
+    config = json.loads((run / "config.json").read_text())
+    config["model"] |= change
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match=message + ".*Supported: vision dinosiglip-vit-so-384px"):
+        convert_cobra(run, tmp_path / "out", dino=cobra["root"] / "dino", siglip=cobra["root"] / "siglip")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_card_credits_cobra(converted):
+    card = (converted / "README.md").read_text()
+    assert "license: mit" in card and "zhao2024cobra" in card and "arXiv 2403.14520" in card
