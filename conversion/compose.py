@@ -9,6 +9,7 @@ vision folder.
 """
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -16,16 +17,19 @@ import torch
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
+    AutoModel,
     AutoTokenizer,
     MambaConfig,
     MambaForCausalLM,
     PretrainedConfig,
     PreTrainedTokenizerBase,
+    SiglipImageProcessorPil,
 )
+from transformers.image_processing_utils import BaseImageProcessor
 
-from modeling_vlmamba import VLMambaConfig, VLMambaForConditionalGeneration, VLMambaProcessor
+from modeling_vlmamba import VLMambaConfig, VLMambaForConditionalGeneration, VLMambaProcessor, VLMambaVisionConfig
 from modeling_vlmamba.configuration_vlmamba import PROJECTOR_TYPES, SCAN_TYPES
-from modeling_vlmamba.processing_vlmamba import IMAGE_ASPECT_RATIOS, IMAGE_TOKEN, PAD_TOKEN
+from modeling_vlmamba.processing_vlmamba import IMAGE_ASPECT_RATIOS, IMAGE_TOKEN, PAD_TOKEN, output_size
 from vlmamba.cli import run_tool
 from vlmamba.conversion.checkpoint import (
     CONNECTOR,
@@ -52,6 +56,13 @@ from vlmamba.conversion.hub_folder import MAX_SHARD_SIZE, check_output_dir, save
 from vlmamba.model_cards import hub_ids, write_card
 
 FULL_MODEL_TYPES = {"siglip": "siglip_vision_model", "clip": "clip_vision_model"}
+# Vision encoders a VL-Mamba (or one encoder of a fused tower) is composed from, and their encoder names.
+VISION_MODEL_TYPES = {
+    "siglip_vision_model": "siglip",
+    "clip_vision_model": "clip",
+    "dinov2": "dinov2",
+    "dinov2_with_registers": "dinov2",
+}
 # transformers' Mamba (MambaForCausalLM) names -> VL-Mamba names. Old checkpoints say `embedding`, not `embeddings`.
 LANGUAGE_MODEL_KEYS = KeyMap(
     rules=[
@@ -62,24 +73,42 @@ LANGUAGE_MODEL_KEYS = KeyMap(
 )
 
 
-def vision_source(folder: Path) -> tuple[PretrainedConfig, KeyMap]:
-    """The vision config of a SigLIP/CLIP folder and the key map that places its weights in the vision tower."""
+def vision_source(folder: Path) -> tuple[PretrainedConfig, list[str]]:
+    """The vision config of a SigLIP, CLIP or DINOv2 folder (vision-only or a full SigLIP / CLIP model), and the
+    patterns of its tensors that a VL-Mamba leaves out on purpose."""
     config = AutoConfig.from_pretrained(folder)
     # transformers 4 checkpoints before 4.31 saved the position ids buffer; the model computes it.
     dropped = [r"(vision_model\.)?embeddings\.position_ids"]
     if config.model_type in FULL_MODEL_TYPES:
         config = config.vision_config
         dropped += [r"text_model\..+", r"logit_(scale|bias)", r"(visual|text)_projection\..+"]
-    if config.model_type not in FULL_MODEL_TYPES.values():
+    if config.model_type not in VISION_MODEL_TYPES:
         raise ConversionError(
-            f"{folder} holds a '{config.model_type}' model; the vision encoder must be SigLIP or CLIP "
-            f"({', '.join(sorted(FULL_MODEL_TYPES) + sorted(FULL_MODEL_TYPES.values()))})."
+            f"{folder} holds a '{config.model_type}' model; the vision encoder must be SigLIP, CLIP or DINOv2 "
+            f"({', '.join(sorted(FULL_MODEL_TYPES) + sorted(VISION_MODEL_TYPES))})."
         )
     if config.model_type == "siglip_vision_model":
         config.vision_use_head = False  # VL-Mamba uses the patch features, never the pooling head
         dropped.append(r"(vision_model\.)?head\..+")
-    # Full models and older vision-only checkpoints prefix the tower with `vision_model.`; transformers 5 does not.
-    return config, KeyMap([(r"(?:vision_model\.)?(.+)", VISION_TOWER + r".\1")], dropped)
+    return config, dropped
+
+
+def vision_weights(folder: Path, config: PretrainedConfig, dropped: list[str], prefix: str) -> dict[str, torch.Tensor]:
+    """The vision encoder's tensors under `prefix`, read by transformers' own loader (which also renames the older
+    key layouts it saves and reads, e.g. DINOv2's); any tensor it misses, leaves unused (but for `dropped`) or finds
+    mis-shaped is an error naming it."""
+    model_class = AutoModel._model_mapping[type(config)]
+    model, info = model_class.from_pretrained(folder, config=config, output_loading_info=True)
+    unused = [key for key in info["unexpected_keys"] if not any(re.fullmatch(pattern, key) for pattern in dropped)]
+    problems = {
+        "missing (no source tensor)": sorted(info["missing_keys"]),
+        "unexpected (no target tensor)": sorted(unused),
+        "wrong shape": [str(item) for item in info["mismatched_keys"]],
+    }
+    if any(problems.values()):
+        lines = [f"{len(keys)} {what}:\n  " + "\n  ".join(keys) for what, keys in problems.items() if keys]
+        raise ConversionError(f"{folder} does not match its vision config.\n" + "\n".join(lines))
+    return {f"{prefix}.{key}": tensor for key, tensor in model.state_dict().items()}
 
 
 def language_model_source(folder: Path) -> tuple[MambaConfig, dict[str, torch.Tensor]]:
@@ -109,15 +138,16 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> Pr
 
 
 def assemble(
-    vision_dir: Path,
-    vision_config: PretrainedConfig,
+    encoders: dict[str, tuple[PretrainedConfig, BaseImageProcessor]],
     text_config: MambaConfig,
     tokenizer_dir: Path,
     image_aspect_ratio: str = "pad",
+    chat_template: str | None = None,
     **options,
 ) -> tuple[VLMambaConfig, VLMambaProcessor]:
-    """The VL-Mamba config and processor for a vision encoder and an LLM: the tokenizer gets `<image>`, the image
-    processor (PIL backend) comes from the vision folder. `options` are further `VLMambaConfig` fields."""
+    """The VL-Mamba config and processor for vision encoders (name -> their config and PIL image processor; several
+    make a fused tower) and an LLM: the tokenizer gets `<image>`. A fused tower's processor resizes once (as its
+    first encoder's processor would) and normalises for each encoder. `options` are further `VLMambaConfig` fields."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     except (OSError, ValueError) as error:
@@ -127,27 +157,47 @@ def assemble(
     tokenizer = prepare_tokenizer(tokenizer, text_config.vocab_size)
     if tokenizer.pad_token_id is not None:
         text_config.pad_token_id = tokenizer.pad_token_id
-    options.setdefault(
-        "vision_feature_select_strategy", "default" if vision_config.model_type == "clip_vision_model" else "full"
-    )
+    (first_config, first_processor), *others = encoders.values()
+    if others:
+        vision_config = VLMambaVisionConfig(encoders={name: config for name, (config, _) in encoders.items()})
+        size = output_size(first_processor)
+        image_processor = SiglipImageProcessorPil(
+            size={"height": size[0], "width": size[1]}, resample=first_processor.resample
+        )
+        normalizations = [
+            {"mean": list(processor.image_mean), "std": list(processor.image_std)}
+            for _, processor in encoders.values()
+        ]
+    else:
+        vision_config, image_processor, normalizations = first_config, first_processor, None
+        if first_config.model_type == "clip_vision_model":
+            options.setdefault("vision_feature_select_strategy", "default")
     config = VLMambaConfig(
-        vision_config=vision_config.to_dict(),
+        vision_config=vision_config,
         text_config=text_config.to_dict(),
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         **options,
     )
     processor = VLMambaProcessor(
-        AutoImageProcessor.from_pretrained(vision_dir, backend="pil"),
+        image_processor,
         tokenizer,
         image_seq_length=config.image_seq_length,
         patch_size=config.vision_config.patch_size,
         image_aspect_ratio=image_aspect_ratio,
+        chat_template=chat_template,
+        image_normalizations=normalizations,
     )
     return config, processor
 
 
+def encoder_names(configs: list[PretrainedConfig]) -> list[str]:
+    """Encoder names of a fused tower from their model types (`dinov2`, `siglip`, `clip`), numbered on repeats."""
+    names = [VISION_MODEL_TYPES[config.model_type] for config in configs]
+    return [f"{name}_{names[:i].count(name) + 1}" if names.count(name) > 1 else name for i, name in enumerate(names)]
+
+
 def compose(
-    vision: str | Path,
+    vision: str | Path | list[str | Path],
     llm: str | Path,
     output_dir: str | Path,
     tokenizer: str | Path | None = None,
@@ -160,18 +210,25 @@ def compose(
     force: bool = False,
     max_shard_size: str = MAX_SHARD_SIZE,
 ) -> Path:
-    """Write an untrained VL-Mamba (pretrained vision encoder and LLM, connector initialised with `seed`).
+    """Write an untrained VL-Mamba (pretrained vision encoder(s) and LLM, connector initialised with `seed`).
+    Several `vision` sources make a fused tower, their patch features concatenated on channels in that order.
 
     Verified before it is moved into place: the folder reloads to the composed tensors, its text-only logits equal
-    the source LLM's, and its vision tower's hidden states equal the source encoder's.
+    the source LLM's, and its vision encoders' hidden states equal the source encoders'.
     """
     check_output_dir(output_dir, force)
-    vision_dir, llm_dir = resolve_folder(vision, "Vision encoder"), resolve_folder(llm, "LLM")
-    vision_config, vision_keys = vision_source(vision_dir)
+    vision = [vision] if isinstance(vision, str | Path) else list(vision)
+    vision_dirs = [resolve_folder(source, "Vision encoder") for source in vision]
+    llm_dir = resolve_folder(llm, "LLM")
+    configs, dropped = zip(*(vision_source(folder) for folder in vision_dirs), strict=True)
+    names = encoder_names(configs) if len(vision_dirs) > 1 else [None]
+    prefixes = [VISION_TOWER if name is None else f"{VISION_TOWER}.{name}" for name in names]
     text_config, llm_weights = language_model_source(llm_dir)
     config, processor = assemble(
-        vision_dir,
-        vision_config,
+        {
+            name: (config, AutoImageProcessor.from_pretrained(folder, backend="pil"))
+            for name, config, folder in zip(names, configs, vision_dirs, strict=True)
+        },
         text_config,
         resolve_folder(tokenizer, "Tokenizer") if tokenizer is not None else llm_dir,
         image_aspect_ratio,
@@ -181,15 +238,19 @@ def compose(
     )
     expected = expected_tensors(VLMambaForConditionalGeneration, config)
     tied = tied_keys(VLMambaForConditionalGeneration, config)
-    vision_weights = read_checkpoint(vision_dir)
+    encoders = [vision_weights(*source) for source in zip(vision_dirs, configs, dropped, prefixes, strict=True)]
     # One dtype for the whole model (by default the sources' own), the fresh connector included.
-    dtype = dtype or dominant_dtype([*vision_weights.values(), *llm_weights.values()])
+    dtype = dtype or dominant_dtype([t for weights in encoders + [llm_weights] for t in weights.values()])
+    parts = [
+        (f"vision encoder {name or ''}".strip(), (prefix + ".",), weights, KeyMap([(r"(.+)", r"\1")]))
+        for name, prefix, weights in zip(names, prefixes, encoders, strict=True)
+    ]
     state_dict = {}
-    for name, prefixes, source, key_map in (
-        ("vision encoder", (VISION_TOWER,), vision_weights, vision_keys),
+    for name, part_prefixes, source, key_map in [
+        *parts,
         ("language model", LANGUAGE_MODEL, llm_weights, LANGUAGE_MODEL_KEYS),
-    ):
-        part = {key: tensor for key, tensor in expected.items() if key.startswith(prefixes)}
+    ]:
+        part = {key: tensor for key, tensor in expected.items() if key.startswith(part_prefixes)}
         state_dict |= convert_state_dict(
             source, key_map, part, tied=tied, dtype=dtype, description=f"Placing the {name}"
         )
@@ -198,21 +259,22 @@ def compose(
 
     input_ids = random_token_ids(config.text_config.vocab_size)
     input_ids = input_ids.masked_fill(input_ids == config.image_token_id, 0)  # text only: no image placeholders
+    generator = torch.Generator().manual_seed(0)
     size = config.vision_config.image_size
-    pixel_values = torch.randn(
-        2, config.vision_config.num_channels, size, size, generator=torch.Generator().manual_seed(0)
-    )
+    pixel_values = [torch.randn(2, c.num_channels, size, size, generator=generator) for c in configs]
     device = verification_device()
+    towers = [model.model.vision_tower] if names == [None] else list(model.model.vision_tower.encoders.values())
     with torch.no_grad():
         if is_raw_mamba_ssm(llm_dir):
             source_llm = build_model(MambaForCausalLM, text_config, dict(llm_weights))
         else:
             source_llm = MambaForCausalLM.from_pretrained(llm_dir, dtype=torch.float32)
         llm_logits = source_llm.to(device)(input_ids.to(device)).logits.cpu()
-        source_tower = type(model.model.vision_tower).from_pretrained(vision_dir, dtype=torch.float32).to(device)
-        vision_states = source_tower(pixel_values.to(device), output_hidden_states=True).hidden_states
+        vision_states = []
+        for tower, folder, pixels in zip(towers, vision_dirs, pixel_values, strict=True):
+            source_tower = type(tower).from_pretrained(folder, dtype=torch.float32).to(device)
+            vision_states.append(source_tower(pixels.to(device), output_hidden_states=True).hidden_states)
     del source_llm, source_tower
-    weights_dtype = dtype
 
     def verify(folder: Path) -> None:
         composed = verify_folder(
@@ -221,23 +283,31 @@ def compose(
             model.state_dict(),
             {"input_ids": input_ids},
             llm_logits,
-            weights_dtype,
+            dtype,
         )
+        tower = composed.model.vision_tower
+        composed_towers = [tower] if names == [None] else list(tower.encoders.values())
+        difference = 0.0
         with torch.no_grad():
-            states = composed.model.vision_tower(pixel_values.to(device), output_hidden_states=True).hidden_states
-        difference = max(
-            compare_logits(state, source, "the source vision encoder", weights_dtype)
-            for state, source in zip(states, vision_states, strict=True)
-        )
-        print(f"Verified: vision hidden states match the source encoder (max |difference| {difference:.2e}).")
-        vision_name, llm_name = (str(name) if hub_ids(name) else Path(name).name for name in (vision, llm))
+            for encoder, pixels, sources in zip(composed_towers, pixel_values, vision_states, strict=True):
+                states = encoder(pixels.to(device), output_hidden_states=True).hidden_states
+                difference = max(
+                    difference,
+                    *(
+                        compare_logits(s, t, "the source vision encoder", dtype)
+                        for s, t in zip(states, sources, strict=True)
+                    ),
+                )
+        print(f"Verified: vision hidden states match the source encoders (max |difference| {difference:.2e}).")
+        vision_names = [str(name) if hub_ids(name) else Path(name).name for name in vision]
+        llm_name = str(llm) if hub_ids(llm) else Path(llm).name
         description = (
-            f"An untrained VL-Mamba composed from the vision encoder `{vision_name}` and the language model "
-            f"`{llm_name}`, "
+            f"An untrained VL-Mamba composed from the vision encoder{'s' if len(vision) > 1 else ''} "
+            f"{' + '.join(f'`{name}`' for name in vision_names)} and the language model `{llm_name}`, "
             f"with a `{projector_type}` connector initialised at random (seed {seed}). Train it with "
             "`vlmamba train --stage 1` (connector alignment) before use."
         )
-        write_card(folder, {"description": description, "base_model": hub_ids(vision, llm)})
+        write_card(folder, {"description": description, "base_model": hub_ids(*vision, llm)})
 
     return save_folder(model, output_dir, processor, force=force, max_shard_size=max_shard_size, finalize=verify)
 
@@ -246,7 +316,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--vision", required=True, help="SigLIP/CLIP folder or Hub id (vision or full model)")
+    parser.add_argument(
+        "--vision",
+        required=True,
+        nargs="+",
+        help="SigLIP, CLIP or DINOv2 folder(s) or Hub id(s) (vision or full model); several make a fused tower",
+    )
     parser.add_argument("--llm", required=True, help="Mamba folder or Hub id (transformers or raw mamba_ssm)")
     add_output_arguments(parser)
     parser.add_argument("--tokenizer", help="tokenizer folder or Hub id (default: the LLM's)")

@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from transformers import (
-    AutoTokenizer,
     Dinov2WithRegistersConfig,
     MambaConfig,
     SiglipImageProcessorPil,
@@ -27,11 +26,8 @@ from transformers import (
 
 from modeling_vlmamba import (
     IMAGES_FIRST_CHAT_TEMPLATE,
-    VLMambaConfig,
     VLMambaForConditionalGeneration,
-    VLMambaProcessor,
 )
-from modeling_vlmamba.configuration_vlmamba import VLMambaVisionConfig
 from vlmamba.cli import positive_int, run_tool
 from vlmamba.conversion.checkpoint import (
     ConversionError,
@@ -49,7 +45,7 @@ from vlmamba.conversion.checkpoint import (
     tied_keys,
     verify_folder,
 )
-from vlmamba.conversion.compose import prepare_tokenizer
+from vlmamba.conversion.compose import assemble
 from vlmamba.conversion.convert_mamba_ssm import is_positive_int
 from vlmamba.conversion.hub_folder import MAX_SHARD_SIZE, check_output_dir, save_folder
 from vlmamba.model_cards import hub_ids, write_card
@@ -299,52 +295,36 @@ def convert_cobra(
         raise ConversionError(f"{checkpoint} must hold {{'model': {{'projector', 'llm_backbone'}}}}, found {found}.")
 
     sources = {"dino": dino, "siglip": siglip}
-    vision_configs, vision_weights, key_maps, normalizations, bases = {}, {}, [], [], []
+    encoders, vision_weights, key_maps, bases = {}, {}, [], []
     for name, family in encoder_families.items():
         folder = resolve_folder(sources[name], f"timm {name} checkpoint")
         timm_config, state = read_timm(folder)
-        vision_configs[name] = timm_vision_config(timm_config, state, family, image_size)
-        grid = image_size // vision_configs[name].patch_size
-        prefix = f"model.vision_tower.{name}." if len(encoder_families) > 1 else "model.vision_tower."
+        vision_config = timm_vision_config(timm_config, state, family, image_size)
+        grid = image_size // vision_config.patch_size
+        fused = len(encoder_families) > 1
+        prefix = f"model.vision_tower.{name}." if fused else "model.vision_tower."
         rules = DINOV2_KEYS if family == "dinov2_reg" else SIGLIP_KEYS
         dropped = SIGLIP_DROPPED if family == "siglip" else []
-        tagged = {f"{name}/{key}": tensor for key, tensor in split_timm(state, family, grid).items()}
-        vision_weights |= tagged
+        vision_weights |= {f"{name}/{key}": tensor for key, tensor in split_timm(state, family, grid).items()}
         key_maps.append(KeyMap([(f"{name}/{p}", prefix + r) for p, r in rules], [f"{name}/{p}" for p in dropped]))
         pretrained = timm_config.get("pretrained_cfg") or {}
-        normalizations.append(
-            {"mean": list(pretrained.get("mean", (0.5,) * 3)), "std": list(pretrained.get("std", (0.5,) * 3))}
+        # Cobra's resize-naive: a bicubic resize to the square, then the encoder's own normalisation.
+        image_processor = SiglipImageProcessorPil(
+            size={"height": image_size, "width": image_size},
+            image_mean=list(pretrained.get("mean", (0.5,) * 3)),
+            image_std=list(pretrained.get("std", (0.5,) * 3)),
         )
+        encoders[name if fused else None] = (vision_config, image_processor)
         bases.append(str(sources[name]))
-    if len(vision_configs) > 1:
-        vision_config = VLMambaVisionConfig(encoders=vision_configs)
-    else:
-        (vision_config,) = vision_configs.values()
     text_config = llm_config(parts["llm_backbone"])
-
-    tokenizer_dir = resolve_folder(tokenizer, "Tokenizer")
-    prepared = prepare_tokenizer(AutoTokenizer.from_pretrained(tokenizer_dir), text_config.vocab_size)
-    text_config.pad_token_id = prepared.pad_token_id
-    config = VLMambaConfig(
-        vision_config=vision_config,
-        text_config=text_config,
+    config, processor = assemble(
+        encoders,
+        text_config,
+        resolve_folder(tokenizer, "Tokenizer"),
+        image_aspect_ratio="resize",
+        chat_template=IMAGES_FIRST_CHAT_TEMPLATE,
         projector_type=projector_type,
         vision_feature_select_strategy="patch",
-        image_token_id=prepared.convert_tokens_to_ids("<image>"),
-    )
-    image_processor = SiglipImageProcessorPil(
-        size={"height": image_size, "width": image_size},
-        image_mean=normalizations[0]["mean"],
-        image_std=normalizations[0]["std"],
-    )
-    processor = VLMambaProcessor(
-        image_processor,
-        prepared,
-        image_seq_length=config.image_seq_length,
-        patch_size=config.vision_config.patch_size,
-        image_aspect_ratio="resize",  # Cobra's resize-naive
-        chat_template=IMAGES_FIRST_CHAT_TEMPLATE,
-        image_normalizations=normalizations if len(normalizations) > 1 else None,
     )
 
     projector = KeyMap(

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoProcessor
+from transformers import AutoImageProcessor, AutoProcessor
 
 from modeling_vlmamba import VLMambaConfig, VLMambaForConditionalGeneration
 from vlmamba.cli import run_tool
 from vlmamba.conversion.checkpoint import (
     CONNECTOR,
+    VISION_TOWER,
     ConversionError,
     KeyMap,
     ReferenceForward,
@@ -38,7 +39,7 @@ from vlmamba.conversion.checkpoint import (
     tied_keys,
     verify_folder,
 )
-from vlmamba.conversion.compose import assemble, vision_source
+from vlmamba.conversion.compose import assemble, vision_source, vision_weights
 from vlmamba.conversion.convert_mamba_ssm import mamba_config_from_raw
 from vlmamba.conversion.hub_folder import MAX_SHARD_SIZE, check_output_dir, save_folder
 from vlmamba.model_cards import hub_ids, read_card_data, write_card
@@ -115,9 +116,11 @@ def convert_llava(
             "trained with (--vision, e.g. openai/clip-vit-large-patch14-336)."
         )
     vision_dir = resolve_folder(vision, "Vision tower")
-    vision_config, vision_keys = vision_source(vision_dir)
+    vision_config, dropped = vision_source(vision_dir)
     tokenizer_dir = resolve_folder(tokenizer, "Tokenizer") if tokenizer else checkpoint_dir
-    config, processor = assemble(vision_dir, vision_config, mamba_config_from_raw(raw), tokenizer_dir, **options)
+    image_processor = AutoImageProcessor.from_pretrained(vision_dir, backend="pil")
+    text_config = mamba_config_from_raw(raw)
+    config, processor = assemble({None: (vision_config, image_processor)}, text_config, tokenizer_dir, **options)
     if raw.get("mm_hidden_size", config.vision_feature_size) != config.vision_feature_size:
         raise ConversionError(
             f"mm_hidden_size={raw['mm_hidden_size']} but {vision_dir} gives {config.vision_feature_size}-wide "
@@ -127,11 +130,11 @@ def convert_llava(
     source = read_checkpoint(checkpoint_dir)
     if any(key.startswith("model.vision_tower.") for key in source):
         tower = r"model\.vision_tower\.vision_tower\."
-        key_map = KeyMap(LLAVA_MAMBA_KEYS.rules, [tower + pattern for pattern in vision_keys.dropped])
+        key_map = KeyMap(LLAVA_MAMBA_KEYS.rules, [tower + pattern for pattern in dropped])
     else:
         print(f"The checkpoint holds no vision tower: taking it from {vision_dir}.")
-        source |= read_checkpoint(vision_dir)
-        key_map = LLAVA_MAMBA_KEYS.then(vision_keys)
+        source |= vision_weights(vision_dir, vision_config, dropped, VISION_TOWER)  # already under our names
+        key_map = LLAVA_MAMBA_KEYS.then(KeyMap([(r"(model\.vision_tower\..+)", r"\1")]))
     expected = expected_tensors(VLMambaForConditionalGeneration, config)
     tied = tied_keys(VLMambaForConditionalGeneration, config)
     state_dict = convert_state_dict(source, key_map, expected, tied=tied, dtype=dtype, description="Converting LLaVA")

@@ -221,3 +221,102 @@ def test_variants_it_cannot_express_are_refused_with_the_supported_list(cobra, t
 def test_the_card_credits_cobra(converted):
     card = (converted / "README.md").read_text()
     assert "license: mit" in card and "zhao2024cobra" in card and "arXiv 2403.14520" in card
+
+
+# ---------------------------------------------------------------- fused-encoder models built and trained here
+
+
+@pytest.fixture(scope="module")
+def fused(tmp_path_factory):
+    """A fused DINOv2 + SigLIP VL-Mamba composed from transformers folders (`vlmamba compose --vision A B`)."""
+    from transformers import (
+        BitImageProcessorPil,
+        Dinov2WithRegistersConfig,
+        Dinov2WithRegistersModel,
+        MambaConfig,
+        MambaForCausalLM,
+        SiglipImageProcessorPil,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
+
+    from vlmamba.conversion.compose import compose
+    from vlmamba.training.synthetic import generate, texts
+    from vlmamba.training.tiny import TINY_DINOV2, TINY_SIGLIP
+
+    root = tmp_path_factory.mktemp("fused")
+    data = generate(root / "data", train_scenes=24, heldout_scenes=2, seed=4)
+    tokenizer = train_gpt_neox_tokenizer(texts(data) + ["<|user|>\n<|assistant|>\n"], vocab_size=340)
+    torch.manual_seed(0)
+    Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**TINY_DINOV2)).save_pretrained(root / "dinov2")
+    square = {"height": 16, "width": 16}
+    dinov2_images = {"image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD)}  # as DINOv2's own processor
+    BitImageProcessorPil(size=square, do_center_crop=False, **dinov2_images).save_pretrained(root / "dinov2")
+    SiglipVisionModel(SiglipVisionConfig(**TINY_SIGLIP)).save_pretrained(root / "siglip")
+    SiglipImageProcessorPil(size=square).save_pretrained(root / "siglip")
+    mamba = MambaConfig(hidden_size=32, num_hidden_layers=2, state_size=8, vocab_size=352, use_mambapy=True)
+    MambaForCausalLM(mamba).save_pretrained(root / "mamba")
+    tokenizer.save_pretrained(root / "mamba")
+    composed = compose([root / "dinov2", root / "siglip"], root / "mamba", root / "composed", projector_type="vss_l2")
+    return {"root": root, "data": data, "composed": composed}
+
+
+def test_compose_fuses_several_vision_encoders(fused):
+    model = VLMambaForConditionalGeneration.from_pretrained(fused["composed"])
+    assert model.config.is_fused_vision and list(model.config.vision_encoders) == ["dinov2", "siglip"]
+    assert model.config.vision_feature_size == 24 + 32 and model.config.image_seq_length == 16
+    processor = VLMambaProcessor.from_pretrained(fused["composed"])
+    assert [n["mean"] for n in processor.image_normalizations] == [list(IMAGENET_MEAN), [0.5, 0.5, 0.5]]
+    inputs = processor(images=[make_image()], text="<image>What colour?", return_tensors="pt")
+    assert inputs["pixel_values"].shape == (1, 6, 16, 16)
+    with torch.no_grad():
+        features = model.get_image_features(inputs["pixel_values"], output_hidden_states=True)
+    assert features.pooler_output.shape == (1, 16, 32) and len(features.hidden_states) == 2
+    with pytest.raises(ValueError, match=r"pixel_values have shape \(1, 3, 16, 16\) but .* \(num_images, 6, 16, 16\)"):
+        model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"][:, :3])
+
+
+def stage_arguments(fused, stage: int, output: str, *extra: str):
+    from vlmamba.training.sft import build_parser
+
+    data = fused["data"] / ("captions.json" if stage == 1 else "conversations.json")
+    argv = ["--stage", str(stage), "--model", str(fused["composed"]), "--data", str(data), "--seed", "1"]
+    argv += ["--output-dir", str(fused["root"] / output), "--global-batch-size", "8", "--per-device-batch-size", "8"]
+    argv += ["--max-steps", "8", "--learning-rate", "5e-3", "--no-gradient-checkpointing", "--num-workers", "0"]
+    return build_parser().parse_args(argv + ["--logging-steps", "1", *extra])
+
+
+@pytest.mark.parametrize(("stage", "extra"), [(1, ()), (2, ("--lora-r", "4"))], ids=["stage1", "stage2-lora"])
+def test_fused_models_train_both_stages_and_with_lora(fused, stage, extra):
+    from vlmamba.training.sft import build_trainer, train
+
+    trainer = build_trainer(stage_arguments(fused, stage, f"probe{stage}", *extra))
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = {name for name, p in trainer.model.named_parameters() if not torch.equal(before[name], p)}
+    if stage == 1:
+        assert changed and all(name.startswith("model.multi_modal_projector.") for name in changed)
+    else:
+        assert changed and all("lora_" in name or "multi_modal_projector.modules_to_save" in name for name in changed)
+        assert not any("vision_tower" in name for name in changed)
+    final = train(stage_arguments(fused, stage, f"stage{stage}", *extra))
+    record = json.loads((final / "card_data.json").read_text())["training"][-1]
+    assert record["final_loss"] < record["first_loss"]
+    assert VLMambaForConditionalGeneration.from_pretrained(final).config.is_fused_vision
+
+
+def test_fused_model_publishes_and_loads_as_remote_code_in_a_clean_process(fused, tmp_path):
+    from tests.isolated_load import MAX_NEW_TOKENS, chat_inputs, run_isolated
+    from vlmamba.conversion.push_to_hub import push_to_hub
+
+    staged = push_to_hub(fused["composed"], "org/vlmamba-fused", dry_run=True, staging_dir=tmp_path / "staged")
+    image_path = tmp_path / "picture.png"
+    make_image().save(image_path)
+    remote = run_isolated(staged, image_path, tmp_path)
+    assert remote["importable"] is False and remote["model_module"].startswith("transformers_modules.")
+    model = VLMambaForConditionalGeneration.from_pretrained(fused["composed"]).eval()
+    processor = VLMambaProcessor.from_pretrained(fused["composed"])
+    inputs = chat_inputs(processor, Image.open(image_path))
+    with torch.no_grad():
+        torch.testing.assert_close(remote["logits"], model(**inputs).logits, rtol=0, atol=0)
+    assert torch.equal(remote["generated"], model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False))

@@ -280,7 +280,9 @@ def test_compose_full_clip_and_raw_mamba_ssm(parts, tokenizer):
 
 
 def test_compose_rejects_other_encoders_and_oversized_tokenizers(parts, tokenizer):
-    with pytest.raises(ConversionError, match="holds a 'mamba' model; the vision encoder must be SigLIP or CLIP"):
+    with pytest.raises(
+        ConversionError, match="holds a 'mamba' model; the vision encoder must be SigLIP, CLIP or DINOv2"
+    ):
         compose(parts / "mamba", parts / "mamba", parts / "vlm")
     MambaForCausalLM(MambaConfig(hidden_size=32, num_hidden_layers=1, state_size=8, vocab_size=64)).save_pretrained(
         parts / "small"
