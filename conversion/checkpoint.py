@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from safetensors.torch import load_file
@@ -251,6 +252,22 @@ def check_round_trip(folder: Path, model_class: type[PreTrainedModel], converted
     changed = [key for key, tensor in converted.items() if not torch.equal(reloaded[key], tensor)]
     if changed:
         raise ConversionError(f"The saved folder does not reload to the converted tensors: {changed}")
+
+
+def resample_position_grid(embeddings: torch.Tensor, grid: int, prefix_tokens: int, antialias: bool) -> torch.Tensor:
+    """Position embeddings `(..., prefix_tokens + old**2, D)` with their square patch grid resampled to `grid` per
+    side (bicubic, in float32, as vision encoders interpolate them for another image size; DINOv2 and timm
+    antialias, SigLIP and CLIP do not); the prefix tokens' positions are kept."""
+    prefix, patches = embeddings[..., :prefix_tokens, :], embeddings[..., prefix_tokens:, :]
+    old = round(patches.shape[-2] ** 0.5)
+    if old * old != patches.shape[-2]:
+        raise ConversionError(f"Position embeddings of shape {tuple(embeddings.shape)} are not a square patch grid.")
+    if old == grid:
+        return embeddings
+    image = patches.float().reshape(-1, old, old, patches.shape[-1]).permute(0, 3, 1, 2)
+    image = F.interpolate(image, size=(grid, grid), mode="bicubic", antialias=antialias, align_corners=False)
+    resampled = image.permute(0, 2, 3, 1).reshape(*patches.shape[:-2], grid * grid, patches.shape[-1])
+    return torch.cat([prefix, resampled.to(embeddings.dtype)], dim=-2)
 
 
 def random_token_ids(vocab_size: int, batch: int = 2, length: int = 12, seed: int = 0) -> torch.LongTensor:

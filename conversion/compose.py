@@ -30,7 +30,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 from modeling_vlmamba import VLMambaConfig, VLMambaForConditionalGeneration, VLMambaProcessor, VLMambaVisionConfig
 from modeling_vlmamba.configuration_vlmamba import PROJECTOR_TYPES, SCAN_TYPES
 from modeling_vlmamba.processing_vlmamba import IMAGE_ASPECT_RATIOS, IMAGE_TOKEN, PAD_TOKEN, output_size
-from vlmamba.cli import run_tool
+from vlmamba.cli import positive_int, run_tool
 from vlmamba.conversion.checkpoint import (
     CONNECTOR,
     LANGUAGE_MODEL,
@@ -46,6 +46,7 @@ from vlmamba.conversion.checkpoint import (
     parse_dtype,
     random_token_ids,
     read_checkpoint,
+    resample_position_grid,
     resolve_folder,
     tied_keys,
     verification_device,
@@ -56,6 +57,14 @@ from vlmamba.conversion.hub_folder import MAX_SHARD_SIZE, check_output_dir, save
 from vlmamba.model_cards import hub_ids, write_card
 
 FULL_MODEL_TYPES = {"siglip": "siglip_vision_model", "clip": "clip_vision_model"}
+# Each vision encoder's position embeddings: their name, the prefix tokens they hold positions for, and whether the
+# encoder's own `interpolate_pos_encoding` antialiases.
+POSITION_EMBEDDINGS = {
+    "siglip_vision_model": ("embeddings.position_embedding.weight", 0, False),
+    "clip_vision_model": ("embeddings.position_embedding.weight", 1, False),
+    "dinov2": ("embeddings.position_embeddings", 1, True),
+    "dinov2_with_registers": ("embeddings.position_embeddings", 1, True),
+}
 # Vision encoders a VL-Mamba (or one encoder of a fused tower) is composed from, and their encoder names.
 VISION_MODEL_TYPES = {
     "siglip_vision_model": "siglip",
@@ -190,6 +199,24 @@ def assemble(
     return config, processor
 
 
+def square(image_size: int) -> dict[str, int]:
+    return {"height": image_size, "width": image_size}
+
+
+def resize_encoder(
+    weights: dict[str, torch.Tensor], config: PretrainedConfig, prefix: str, image_size: int
+) -> dict[str, torch.Tensor]:
+    """An encoder's `weights` (under `prefix`) for `image_size`: its position embeddings resampled as its own
+    `interpolate_pos_encoding` would at run time, and its config set to that size."""
+    if config.image_size == image_size:
+        return weights
+    key, prefix_tokens, antialias = POSITION_EMBEDDINGS[config.model_type]
+    grid = image_size // config.patch_size
+    weights[f"{prefix}.{key}"] = resample_position_grid(weights[f"{prefix}.{key}"], grid, prefix_tokens, antialias)
+    config.image_size = image_size
+    return weights
+
+
 def encoder_names(configs: list[PretrainedConfig]) -> list[str]:
     """Encoder names of a fused tower from their model types (`dinov2`, `siglip`, `clip`), numbered on repeats."""
     names = [VISION_MODEL_TYPES[config.model_type] for config in configs]
@@ -205,6 +232,7 @@ def compose(
     scan_type: str = "bidirectional",
     vision_feature_layer: int = -2,
     image_aspect_ratio: str = "pad",
+    image_size: int | None = None,
     seed: int = 0,
     dtype: torch.dtype | None = None,
     force: bool = False,
@@ -212,6 +240,8 @@ def compose(
 ) -> Path:
     """Write an untrained VL-Mamba (pretrained vision encoder(s) and LLM, connector initialised with `seed`).
     Several `vision` sources make a fused tower, their patch features concatenated on channels in that order.
+    `image_size` (default: the first encoder's) sets the size the encoders run at, their position embeddings
+    resampled as each encoder interpolates them (e.g. DINOv2's 518 px grid for 384 px, to fuse it with SigLIP).
 
     Verified before it is moved into place: the folder reloads to the composed tensors, its text-only logits equal
     the source LLM's, and its vision encoders' hidden states equal the source encoders'.
@@ -224,10 +254,19 @@ def compose(
     names = encoder_names(configs) if len(vision_dirs) > 1 else [None]
     prefixes = [VISION_TOWER if name is None else f"{VISION_TOWER}.{name}" for name in names]
     text_config, llm_weights = language_model_source(llm_dir)
+    encoders = [vision_weights(*source) for source in zip(vision_dirs, configs, dropped, prefixes, strict=True)]
+    image_size = image_size or configs[0].image_size
+    resized = [config.image_size != image_size for config in configs]
+    encoders = [
+        resize_encoder(weights, config, prefix, image_size)
+        for weights, config, prefix in zip(encoders, configs, prefixes, strict=True)
+    ]
     config, processor = assemble(
         {
-            name: (config, AutoImageProcessor.from_pretrained(folder, backend="pil"))
-            for name, config, folder in zip(names, configs, vision_dirs, strict=True)
+            name: (config, AutoImageProcessor.from_pretrained(folder, backend="pil", **resize))
+            for name, config, folder, resize in zip(
+                names, configs, vision_dirs, [{"size": square(image_size)} if r else {} for r in resized], strict=True
+            )
         },
         text_config,
         resolve_folder(tokenizer, "Tokenizer") if tokenizer is not None else llm_dir,
@@ -238,7 +277,6 @@ def compose(
     )
     expected = expected_tensors(VLMambaForConditionalGeneration, config)
     tied = tied_keys(VLMambaForConditionalGeneration, config)
-    encoders = [vision_weights(*source) for source in zip(vision_dirs, configs, dropped, prefixes, strict=True)]
     # One dtype for the whole model (by default the sources' own), the fresh connector included.
     dtype = dtype or dominant_dtype([t for weights in encoders + [llm_weights] for t in weights.values()])
     parts = [
@@ -271,9 +309,11 @@ def compose(
             source_llm = MambaForCausalLM.from_pretrained(llm_dir, dtype=torch.float32)
         llm_logits = source_llm.to(device)(input_ids.to(device)).logits.cpu()
         vision_states = []
-        for tower, folder, pixels in zip(towers, vision_dirs, pixel_values, strict=True):
+        for tower, folder, pixels, interpolate in zip(towers, vision_dirs, pixel_values, resized, strict=True):
             source_tower = type(tower).from_pretrained(folder, dtype=torch.float32).to(device)
-            vision_states.append(source_tower(pixels.to(device), output_hidden_states=True).hidden_states)
+            extra = {"interpolate_pos_encoding": True} if interpolate else {}  # the source at its own image size
+            states = source_tower(pixels.to(device), output_hidden_states=True, **extra).hidden_states
+            vision_states.append(states)
     del source_llm, source_tower
 
     def verify(folder: Path) -> None:
@@ -329,6 +369,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     parser.add_argument("--scan-type", default="bidirectional", choices=SCAN_TYPES)
     parser.add_argument("--vision-feature-layer", type=int, default=-2)
     parser.add_argument("--image-aspect-ratio", default="pad", choices=IMAGE_ASPECT_RATIOS)
+    parser.add_argument("--image-size", type=positive_int, help="size the encoders run at (default: the first's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the connector's initialisation")
     args = parser.parse_args(argv)
     folder = compose(
@@ -340,6 +381,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         scan_type=args.scan_type,
         vision_feature_layer=args.vision_feature_layer,
         image_aspect_ratio=args.image_aspect_ratio,
+        image_size=args.image_size,
         seed=args.seed,
         dtype=parse_dtype(args.dtype),
         force=args.force,

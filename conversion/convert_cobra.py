@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import (
     Dinov2WithRegistersConfig,
     MambaConfig,
@@ -41,6 +40,7 @@ from vlmamba.conversion.checkpoint import (
     parse_dtype,
     read_checkpoint,
     read_json,
+    resample_position_grid,
     resolve_folder,
     tied_keys,
     verify_folder,
@@ -176,19 +176,6 @@ def read_timm(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, trunk
 
 
-def resample_grid(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
-    """`(1, old_grid**2, D)` position embeddings resampled to `(1, grid**2, D)` as timm does when a model is created
-    at another image size: bicubic, antialiased, in float32."""
-    old = round(pos_embed.shape[1] ** 0.5)
-    if old * old != pos_embed.shape[1]:
-        raise ConversionError(f"pos_embed of shape {tuple(pos_embed.shape)} is not a square grid of patches.")
-    if old == grid:
-        return pos_embed
-    image = pos_embed.float().reshape(1, old, old, -1).permute(0, 3, 1, 2)
-    image = F.interpolate(image, size=(grid, grid), mode="bicubic", antialias=True, align_corners=False)
-    return image.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(pos_embed.dtype)
-
-
 def split_timm(state: dict[str, torch.Tensor], family: str, grid: int) -> dict[str, torch.Tensor]:
     """timm tensors in the form transformers stores them, still under timm's names: every fused qkv as its three
     thirds (`{key}:q`, `:k`, `:v`), the position grid resampled to `grid`, DINOv2's with a zero slot for the class
@@ -198,7 +185,7 @@ def split_timm(state: dict[str, torch.Tensor], family: str, grid: int) -> dict[s
         if key.endswith(("attn.qkv.weight", "attn.qkv.bias")) and tensor.shape[0] % 3 == 0:
             split |= {f"{key}:{part}": third for part, third in zip("qkv", tensor.chunk(3), strict=True)}
         elif key == "pos_embed" and tensor.ndim == 3:
-            resampled = resample_grid(tensor, grid)
+            resampled = resample_position_grid(tensor, grid, prefix_tokens=0, antialias=True)  # as timm does
             zero_class_slot = torch.zeros_like(resampled[:, :1])
             split[key] = torch.cat([zero_class_slot, resampled], 1) if family == "dinov2_reg" else resampled[0]
         else:

@@ -49,10 +49,8 @@ def reference_vision(names) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def cobra(tmp_path_factory):
+def write_tiny_cobra(root) -> dict:
     """A tiny Cobra run (cobra+3b's layout), its timm encoders (SigLIP also as OpenCLIP's file) and a tokenizer."""
-    root = tmp_path_factory.mktemp("cobra")
     tokenizer = train_gpt_neox_tokenizer(SAMPLE_TEXT + [QUESTION], image_token=False)
     tokenizer.save_pretrained(root / "tokenizer")
     raw = raw_mamba_config(vocab_size=len(tokenizer) + 1)  # room for <image>, as GPT-NeoX's 50277 in 50280
@@ -60,17 +58,16 @@ def cobra(tmp_path_factory):
     for name, spec in ENCODERS.items():
         args = {k: v for k, v in spec.items() if k != "family"}
         vision[name] = write_timm_vit(root / name, spec["family"], patch_size=PATCH, seed=len(name), **args)
-    write_timm_vit(
-        root / "siglip-openclip",
-        "siglip",
-        patch_size=PATCH,
-        seed=6,
-        open_clip=True,
-        **{k: v for k, v in ENCODERS["siglip"].items() if k != "family"},
-    )
+    siglip = {k: v for k, v in ENCODERS["siglip"].items() if k != "family"}
+    write_timm_vit(root / "siglip-openclip", "siglip", patch_size=PATCH, seed=6, open_clip=True, **siglip)
     dim = sum(spec["embed_dim"] for spec in ENCODERS.values())
     state = write_cobra_checkpoint(root / "cobra+3b", raw_llm=raw, vision_dim=dim)
     return {"root": root, "raw": raw, "vision": vision, "state": state}
+
+
+@pytest.fixture(scope="module")
+def cobra(tmp_path_factory):
+    return write_tiny_cobra(tmp_path_factory.mktemp("cobra"))
 
 
 def convert(cobra, out: str, run: str = "cobra+3b", **kwargs):
@@ -320,3 +317,29 @@ def test_fused_model_publishes_and_loads_as_remote_code_in_a_clean_process(fused
     with torch.no_grad():
         torch.testing.assert_close(remote["logits"], model(**inputs).logits, rtol=0, atol=0)
     assert torch.equal(remote["generated"], model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False))
+
+
+def test_compose_resamples_an_encoder_to_the_fused_image_size(fused, tmp_path):
+    """DINOv2's Hub checkpoints run at 518 px, SigLIP's at 384: `image_size` resamples the position grid as DINOv2's
+    own interpolation would (compose verifies it against the source encoder run with interpolate_pos_encoding)."""
+    from transformers import BitImageProcessorPil, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    from vlmamba.conversion.compose import compose
+    from vlmamba.training.tiny import TINY_DINOV2
+
+    torch.manual_seed(1)
+    Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**{**TINY_DINOV2, "image_size": 24})).save_pretrained(
+        tmp_path / "dinov2-24"
+    )
+    BitImageProcessorPil(size={"height": 24, "width": 24}, do_center_crop=False).save_pretrained(
+        tmp_path / "dinov2-24"
+    )
+    root = fused["root"]
+    first = compose([tmp_path / "dinov2-24", root / "siglip"], root / "mamba", tmp_path / "first")  # at 24 px
+    siglip = VLMambaForConditionalGeneration.from_pretrained(first).model.vision_tower.siglip
+    assert siglip.config.image_size == 24 and siglip.embeddings.position_embedding.weight.shape == (36, 32)
+    out = compose([tmp_path / "dinov2-24", root / "siglip"], root / "mamba", tmp_path / "out", image_size=16)
+    model = VLMambaForConditionalGeneration.from_pretrained(out)
+    assert model.config.vision_config.encoders["dinov2"].image_size == 16
+    assert model.model.vision_tower.dinov2.embeddings.position_embeddings.shape == (1, 1 + 16, 24)
+    assert VLMambaProcessor.from_pretrained(out).image_processor.size == {"height": 16, "width": 16}

@@ -288,3 +288,20 @@ def test_fused_add_rms_norm_computes_what_mamba_does(dtype, residual_dtype, bloc
         print(f"\nweights {dtype}, norm input {norm_input.dtype}, block_norm={block_norm}: differs in {unequal:.2%}")
         if norm_input.dtype == torch.bfloat16:
             assert unequal < 0.01
+
+
+def test_a_converted_cobra_decodes_through_the_graph_with_the_eager_tokens(tmp_path):
+    """The tiny Cobra run of tests/test_cobra.py, converted (fused DINOv2 + SigLIP tower), on CUDA in fp32."""
+    pytest.importorskip("mamba_ssm")
+    from modeling_vlmamba import VLMambaForConditionalGeneration, VLMambaProcessor
+    from tests.conftest import make_image
+    from tests.test_cobra import cobra_inputs, convert, write_tiny_cobra
+
+    folder = convert(write_tiny_cobra(tmp_path), "converted")
+    model = VLMambaForConditionalGeneration.from_pretrained(folder).to("cuda").eval()
+    processor = VLMambaProcessor.from_pretrained(folder)
+    single = cobra_inputs(processor, make_image((30, 20))).to("cuda")
+    settings = {"max_new_tokens": 16, "do_sample": False}
+    eager = model.generate(**single, cuda_graph_decode=False, **settings)
+    graphed = model.generate(**single, **settings)
+    assert model._decode_graphs and torch.equal(graphed, eager)
