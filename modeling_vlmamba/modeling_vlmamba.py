@@ -363,13 +363,16 @@ class VLMambaModel(VLMambaPreTrainedModel):
         """Encode images and project them into the language model's embedding space.
 
         Args:
-            pixel_values: `(num_images, channels, height, width)` at the vision config's `image_size`.
-            kwargs: passed to the vision tower (`output_hidden_states` as a flag or as layer indices,
+            pixel_values: `(num_images, channels, height, width)` at the vision config's `image_size` (a fused
+                tower: every encoder's channels, stacked in its order).
+            kwargs: passed to the vision encoder(s) (`output_hidden_states` as a flag or as layer indices,
                 `output_attentions`, ...); `return_dict=False` (or `config.return_dict=False`) returns a tuple.
 
         Returns:
-            `BaseModelOutputWithPooling` of the vision tower whose `pooler_output` holds the connector output,
-            `(num_images, image_seq_length, text_hidden_size)`, and whose `hidden_states` are those asked for.
+            `BaseModelOutputWithPooling` whose `pooler_output` holds the connector output, `(num_images,
+            image_seq_length, text_hidden_size)`. One encoder: its own last hidden state, and the hidden states and
+            attentions asked for. A fused tower: the concatenated patch features `(num_images, image_seq_length,
+            vision_feature_size)` as `last_hidden_state`, and per encoder, in order, those asked for.
         """
         self._check_pixel_values(pixel_values)
         requested = kwargs.pop("output_hidden_states", None)
