@@ -9,24 +9,20 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, MambaConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
 from transformers.generation.configuration_utils import GenerationConfig, GenerationMode
-from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.stopping_criteria import StoppingCriteriaList
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import slice_logits_to_keep
-from transformers.models.mamba.modeling_mamba import (
-    MambaMixer,
-    MambaModel,
-    causal_conv1d_update,
-    mamba_selective_state_update,
-)
+from transformers.models.mamba.modeling_mamba import MambaMixer
 from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.import_utils import torch_compilable_check
 from transformers.utils.output_capturing import selected_hidden_states
 
 from .configuration_vlmamba import VLMambaConfig, VLMambaVisionConfig, vision_attention
-from .decode_kernels import add_rms_norm
+from .decode_graph import MAX_DECODE_GRAPHS, DecodeAhead, DecodeGraph, mamba_decode_step
+from .fused_mamba import FusedMambaMixer, use_fused_kernels
 
 IGNORE_INDEX = -100
 # PEFT LoRA `target_modules` for the language model: on Mamba-1, `in_proj` is the one projection every path (the fused
@@ -34,8 +30,6 @@ IGNORE_INDEX = -100
 # adapters on them would train in one path and be ignored in another. The pattern leaves out the connector's own
 # Mamba mixer and the vision tower.
 LORA_TARGET_MODULES = r".*language_model.*\.in_proj"
-# CUDA graphs kept for decoding (one per batch size); the oldest is dropped beyond this.
-MAX_DECODE_GRAPHS = 8
 
 
 def cross_scan(grid: torch.Tensor, scan_type: str) -> torch.Tensor:
@@ -99,7 +93,7 @@ class VisionSelectiveScan(nn.Module):
             num_hidden_layers=1,
             use_mambapy=config.text_config.use_mambapy,  # one switch for the torch fallback of every mixer
         )
-        self.mixer = MambaMixer(mixer_config, layer_idx=0)
+        self.mixer = FusedMambaMixer(mixer_config, layer_idx=0)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """`(batch, height * width, channels)` -> `(batch, height * width, channels)`."""
@@ -245,10 +239,15 @@ class VLMambaPreTrainedModel(PreTrainedModel):
 
     def post_init(self) -> None:
         super().post_init()
-        # The children's lists name modules this model does not build (SigLIP's pooling head and text embeddings);
-        # FSDP's auto-wrap refuses any class name it cannot find in the model.
-        built = {type(module).__name__ for module in self.modules()}
-        self._no_split_modules = {name for name in self._no_split_modules if name in built}
+        # The children's lists name modules this model does not build (SigLIP's pooling head and text embeddings),
+        # and not the fused subclasses it builds instead of transformers' Mamba blocks; FSDP's auto-wrap refuses any
+        # class name it cannot find in the model. So: the classes built that are, or derive from, a named one.
+        named = set(self._no_split_modules)
+        self._no_split_modules = {
+            type(module).__name__
+            for module in self.modules()
+            if any(cls.__name__ in named for cls in type(module).__mro__)
+        }
 
 
 class VLMambaVisionTower(PreTrainedModel):
@@ -327,7 +326,7 @@ class VLMambaModel(VLMambaPreTrainedModel):
             else AutoModel.from_config(config.vision_config)
         )
         self.multi_modal_projector = VLMambaMultiModalProjector(config)
-        self.language_model = AutoModel.from_config(config.text_config)
+        self.language_model = use_fused_kernels(AutoModel.from_config(config.text_config))
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -528,169 +527,6 @@ class VLMambaModel(VLMambaPreTrainedModel):
             ),
             image_hidden_states=image_features,
         )
-
-
-def ssm_matrices(language_model: MambaModel) -> torch.Tensor:
-    """Every layer's state matrix `A = -exp(A_log)`, as its mixer computes it: `(layers, intermediate, state)` fp32."""
-    return -torch.exp(torch.stack([layer.mixer.A_log for layer in language_model.layers]).float())
-
-
-def mamba_decode_step(
-    language_model: MambaModel, input_ids: torch.LongTensor, cache: Cache, ssm_A: torch.Tensor
-) -> torch.Tensor:
-    """One cached token through the Mamba LM: `(batch, 1)` ids -> `(batch, 1, hidden)` final hidden states.
-
-    What `language_model(input_ids, cache_params=cache)` computes for one token, with fewer and cheaper kernels,
-    for a CUDA graph: each residual add and RMSNorm is one kernel (`add_rms_norm`), `A` comes precomputed
-    (`ssm_matrices`), and every projection is a single `(batch, features)` matmul. The conv and SSM states in `cache`
-    advance in place through the same kernels (or PyTorch fallbacks) as the mixer's.
-    """
-    embeds = language_model.embeddings(input_ids[:, 0])
-    residual, mixer_output = embeds.float() if language_model.config.residual_in_fp32 else embeds, None
-    for layer_idx, (layer, A) in enumerate(zip(language_model.layers, ssm_A, strict=True)):
-        residual, hidden_states = add_rms_norm(residual, mixer_output, layer.norm)
-        mixer = layer.mixer
-        x, gate = mixer.in_proj(hidden_states).chunk(2, dim=-1)
-        x = causal_conv1d_update(
-            x.unsqueeze(-1),
-            cache.get_conv_state(layer_idx, state_idx=0),
-            mixer.conv1d.weight.squeeze(1),
-            mixer.conv1d.bias,
-            activation=mixer.activation,
-        ).squeeze(-1)
-        time_step, B, C = torch.split(
-            mixer.x_proj(x), [mixer.time_step_rank, mixer.ssm_state_size, mixer.ssm_state_size], dim=-1
-        )
-        y = mamba_selective_state_update(
-            cache.get_recurrent_state(layer_idx, state_idx=0),
-            x,
-            nn.functional.linear(time_step, mixer.dt_proj.weight),  # its bias is added in fp32, as the mixer does
-            A,
-            B,
-            C,
-            mixer.D,
-            z=gate,
-            dt_bias=mixer.dt_proj.bias,
-            dt_softplus=True,
-        )
-        mixer_output = mixer.out_proj(y)
-    _, hidden_states = add_rms_norm(residual, mixer_output, language_model.norm_f, block_norm=False)
-    return hidden_states[:, None]
-
-
-class DecodeGraph:
-    """The language model's one-token decode step captured in a CUDA graph, over a state cache of its own.
-
-    A Mamba's decode state has a fixed size and is updated in place, so one capture replays exactly; eager decoding
-    is bound by kernel launches instead (16 tokens/s for Mamba-2.8B on an H100). The captured step is
-    `mamba_decode_step`. `generate` calls `reset` and prefills into `cache`; each decode step then copies the new
-    token ids in and replays. The graph is captured at the first decode step and reused by later `generate` calls
-    with the same batch size, as long as what the capture baked in stays the same (`key`: where the parameters live,
-    and the state of any PEFT adapters).
-
-    Decoding ahead: `generate` waits for the GPU after every token to ask whether to stop, and a step launched only
-    after that wait leaves the GPU idle meanwhile. So, once `generate` has chosen a token, `launch_ahead` already
-    replays the step of that token on a stream of its own (the token stays on the GPU); the host's wait covers the
-    current stream only, and the next `step` takes the logits the replay left. When generation then stops, that
-    replay was for nothing and the states have advanced past the returned tokens: decoding ahead is only used where
-    the cache is not handed back to the caller, and `generate` ends every call with `join`, which orders later work
-    (the next call's `reset`, freeing a dropped graph, the caller's own) after it.
-
-    One graph serves one `generate` call at a time: not thread-safe, and the `cache_params` a call returns is reset
-    by the next call of that batch size.
-    """
-
-    def __init__(self, model: "VLMambaForConditionalGeneration", batch_size: int, key: tuple):
-        self.cache = DynamicCache(config=model.config.text_config)
-        self.cache.decode_graph = self
-        self.input_ids = torch.zeros(batch_size, 1, dtype=torch.long, device=model.device)
-        self.key = key  # `model.decode_graph_key()` at creation
-        self.ssm_A = ssm_matrices(model.model.language_model)  # refreshed in place by `reset`
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None
-        self.ahead_stream = torch.cuda.Stream(model.device)
-        self.ahead_enabled = False  # set per `generate` call by `reset`
-        self.ahead_token: torch.Tensor | None = None  # the `input_ids[:, -1:]` whose step was launched ahead
-        self.not_done = torch.zeros(batch_size, dtype=torch.bool, device=model.device)  # `DecodeAhead`'s answer
-
-    @torch.no_grad()
-    def reset(self, model: "VLMambaForConditionalGeneration", decode_ahead: bool) -> None:
-        """Empty the cache and recompute `A` (the weights may have changed in place since the last call)."""
-        self.cache.reset()
-        self.ssm_A.copy_(ssm_matrices(model.model.language_model))
-        self.ahead_enabled = decode_ahead
-
-    def step(self, model: "VLMambaForConditionalGeneration", input_ids: torch.LongTensor) -> torch.Tensor:
-        """Logits `(batch, 1, vocab)` of the next token after `input_ids` `(batch, 1)`; the cache advances."""
-        with torch.cuda.device(self.input_ids.device):
-            if self.ahead_token is not None:
-                ahead, self.ahead_token = self.ahead_token, None
-                if not same_tensor(ahead, input_ids):
-                    raise RuntimeError(
-                        "The decode graph already ran the step of the token generate chose, but was then given other "
-                        "input_ids. Decoding ahead expects generate's own loop: pass cuda_graph_decode=False to "
-                        "generate when its input_ids are changed between steps."
-                    )
-                torch.cuda.current_stream().wait_stream(self.ahead_stream)
-                return self.logits
-            self.input_ids.copy_(input_ids)
-            if self.graph is None:
-                self._capture(model)
-            self.graph.replay()
-        return self.logits
-
-    def launch_ahead(self, input_ids: torch.LongTensor) -> None:
-        """Replay the step of the newest token, `input_ids[:, -1:]`, now, on `ahead_stream` (see the class)."""
-        if not self.ahead_enabled or self.graph is None or self.ahead_token is not None:
-            return
-        with torch.cuda.device(self.input_ids.device):
-            self.input_ids.copy_(input_ids[:, -1:])  # on the current stream, after the ops that chose the token
-            self.ahead_stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.ahead_stream):
-                self.graph.replay()
-        self.ahead_token = input_ids[:, -1:]  # holding it keeps its memory from being reused
-
-    def join(self) -> None:
-        """Order the current stream's later work after any replay launched ahead (which may still be running)."""
-        torch.cuda.current_stream(self.input_ids.device).wait_stream(self.ahead_stream)
-        self.ahead_token = None
-
-    def _capture(self, model: "VLMambaForConditionalGeneration") -> None:
-        states = [(layer.conv_states[0].clone(), layer.recurrent_states[0].clone()) for layer in self.cache.layers]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.no_grad():  # compiles and autotunes the kernels outside the capture
-            for _ in range(2):
-                model.decode_logits(self.input_ids, self.cache, self.ssm_A)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.no_grad():
-            self.logits = model.decode_logits(self.input_ids, self.cache, self.ssm_A)
-        for layer, (conv, recurrent) in zip(self.cache.layers, states, strict=True):  # undo the warm-up steps
-            layer.conv_states[0].copy_(conv)
-            layer.recurrent_states[0].copy_(recurrent)
-
-
-def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether `a` and `b` view the same memory the same way, unmodified in place since (a host-side check)."""
-    return (a.data_ptr(), a.shape, a.stride(), a._version) == (b.data_ptr(), b.shape, b.stride(), b._version)
-
-
-class DecodeAhead(StoppingCriteria):
-    """Launches `DecodeGraph`'s next step ahead; never stops a sequence itself.
-
-    `generate` calls its stopping criteria right after it has chosen each token and before it waits for the GPU to
-    learn whether to stop: the one point of its loop where the next step can be launched early (see `DecodeGraph`).
-    No step is launched once `max_length` is reached, where generation stops for certain.
-    """
-
-    def __init__(self, graph: DecodeGraph, max_length: int | None):
-        self.graph, self.max_length = graph, max_length
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        if self.max_length is None or input_ids.shape[1] < self.max_length:
-            self.graph.launch_ahead(input_ids)
-        return self.graph.not_done
 
 
 class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):

@@ -14,7 +14,9 @@ from tests.isolated_load import MAX_NEW_TOKENS, QUESTION, chat_inputs, conversat
 EXPECTED_FILES = {
     "config.json",
     "configuration_vlmamba.py",
+    "decode_graph.py",
     "decode_kernels.py",
+    "fused_mamba.py",
     "modeling_vlmamba.py",
     "processing_vlmamba.py",
     "model.safetensors",

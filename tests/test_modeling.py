@@ -6,7 +6,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from modeling_vlmamba import LORA_TARGET_MODULES, VLMambaForConditionalGeneration
-from modeling_vlmamba.modeling_vlmamba import ssm_matrices
+from modeling_vlmamba.decode_graph import ssm_matrices
 from tests.conftest import make_image, user_turn
 from vlmamba.training.tiny import TINY_CLIP, TINY_SIGLIP, tiny_config, tiny_model, tiny_processor
 
@@ -335,7 +335,7 @@ def test_every_no_split_module_is_in_the_model(tokenizer, vision, encoder_layer)
     from accelerate.utils.dataclasses import get_module_class_from_name
 
     model = tiny_model(tiny_config(tokenizer, vision=vision))
-    assert {"MambaBlock", encoder_layer} <= set(model._no_split_modules)
+    assert {"FusedMambaBlock", encoder_layer} <= set(model._no_split_modules)  # the fused subclass of MambaBlock
     for name in model._no_split_modules:
         assert get_module_class_from_name(model, name) is not None, name
 
