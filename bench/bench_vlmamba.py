@@ -1,6 +1,7 @@
 """GPU benchmarks of VL-Mamba at the paper's 2.8B shape, with baselines measured in the same run.
 
     python bench/bench_vlmamba.py decode [--batch-sizes 1 16 64] [--new-tokens 256] [--skip-transformer] [--profile]
+    python bench/bench_vlmamba.py prefill [--batch-sizes 1 16 64] [--profile]
     python bench/bench_vlmamba.py train [--batch-size 8] [--steps 6] [--no-gradient-checkpointing] [--profile]
 
 `decode`: (a) VL-Mamba (SigLIP-SO400M-shape tower, `vss_l2` + bidirectional connector, Mamba-2.8B-shape LLM,
@@ -10,10 +11,16 @@ random weights, bf16) answering one 384x384 image and a short question (800 prom
 transformer (Phi-2 shape) in transformers with a static cache (auto-compiled). Prints decode tokens/s, time to first
 token, first-call warm-up and peak memory, with ratios to (b) and (c).
 
+`prefill`: time to first token at each batch size (one 384x384 image, 800 prompt tokens), with the fused
+multi-token path and without it (transformers' Mamba forward), against the vision tower + connector alone plus
+mamba_ssm's own time to first token on the same tokens, measured in the same run.
+
 `train`: stage-2 training steps of the same model through `training.sft` (TRL SFTTrainer, bf16 autocast, gradient
 checkpointing unless `--no-gradient-checkpointing`, vision frozen) on synthetic 384x384 scenes: tokens/s and model
 FLOPs utilisation (6 x trained params x tokens / time / 989 TFLOP/s, plus 2 x frozen params x tokens for the vision
-forward).
+forward); then (`--anchors`, the default) what it is held to, measured alone at the same shapes: mamba_ssm's own
+training step of the LLM (checkpointed per block likewise), the vision forward, and the connector's forward and
+backward, and the ratio of the step to their sum.
 """
 
 import argparse
@@ -386,7 +393,7 @@ def train(args: argparse.Namespace) -> dict:
     tokens_per_step = statistics.median(tokens) if tokens else float("nan")
     tokens_per_s = tokens_per_step / statistics.median(steady)
     flops = (6 * trained + 2 * frozen) * tokens_per_s
-    return {
+    results = {
         "trained_params": trained,
         "frozen_params": frozen,
         "tokens_per_step": tokens_per_step,
@@ -395,21 +402,161 @@ def train(args: argparse.Namespace) -> dict:
         "mfu": flops / H100_BF16_FLOPS,
         "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
     }
+    print(f"VL-Mamba stage-2 step: {results}", flush=True)
+    if args.anchors:
+        del trainer
+        gc.collect()
+        torch.cuda.empty_cache()
+        anchors = training_anchors(
+            args.batch_size, round(tokens_per_step / args.batch_size), args.gradient_checkpointing
+        )
+        results |= anchors | {"ratio_to_anchor": results["median_step_s"] / anchors["anchor_step_s"]}
+    return results
+
+
+@contextlib.contextmanager
+def without_fused_kernels():
+    """An ablation: transformers' own Mamba forward for the multi-token path (`fused_mamba`), for the duration."""
+    from modeling_vlmamba import fused_mamba
+
+    fused_mamba.uses_fused_kernels, original = (lambda hidden_states: False), fused_mamba.uses_fused_kernels
+    try:
+        yield
+    finally:
+        fused_mamba.uses_fused_kernels = original
+
+
+def native_ttft(native, ids: torch.Tensor) -> float:
+    """mamba_ssm's time to first token for `ids`: its `generate(cg=True)` of one token (the graph captured before)."""
+    native.generate(ids, max_length=ids.shape[1] + 1, cg=True, top_k=1)
+    return timed(lambda: native.generate(ids, max_length=ids.shape[1] + 1, cg=True, top_k=1), repeats=5)[0]
+
+
+def prefill(args: argparse.Namespace) -> dict:
+    """Time to first token against the vision tower + connector and mamba_ssm's prefill of the same tokens."""
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = VLMambaForConditionalGeneration(paper_config()).to(torch.bfloat16).eval()
+    native = mamba_ssm_model(model)
+    results = {}
+    for batch in args.batch_sizes:
+        inputs = prompt(batch, generator)
+        run = vlmamba_runner(model, inputs)
+        run(1)
+        ours, _ = timed(lambda run=run: run(1), repeats=5)
+        with without_fused_kernels():
+            stock, _ = timed(lambda run=run: run(1), repeats=5)
+        with torch.no_grad():
+            vision, _ = timed(lambda inputs=inputs: model.model.get_image_features(inputs["pixel_values"]), repeats=5)
+        ids = inputs["input_ids"].clamp(max=VOCAB - 4)
+        mamba_ssm_s = native_ttft(native, ids)
+        bound = vision + mamba_ssm_s
+        results[batch] = {
+            "ttft_s": ours,
+            "ttft_without_fused_kernels_s": stock,
+            "vision_and_connector_s": vision,
+            "mamba_ssm_ttft_s": mamba_ssm_s,
+            "ratio_to_vision_plus_mamba_ssm": ours / bound,
+            "ratio_without_fused_kernels": stock / bound,
+        }
+        print(f"prefill batch {batch}: {results[batch]}", flush=True)
+        if args.profile and batch == args.batch_sizes[-1]:
+            print(f"VL-Mamba time to first token, batch {batch}:", profile_table(lambda run=run: run(1)), sep="\n")
+            native_prefill = functools.partial(native, ids, num_last_tokens=1)
+            print(f"mamba_ssm prefill, batch {batch}:", profile_table(native_prefill), sep="\n")
+    return results
+
+
+def median_step_s(step, steps: int = 6, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        step()
+    return timed(step, repeats=steps)[0]
+
+
+def mamba_ssm_step_s(batch: int, seq_len: int, checkpointing: bool, profile: bool = False) -> float:
+    """Median training step of mamba_ssm's `MambaLMHeadModel` at the 2.8B shape: fp32 weights, bf16 autocast, fused
+    AdamW, cross-entropy on fp32 logits; each block checkpointed with `checkpointing`."""
+    from mamba_ssm.models.config_mamba import MambaConfig as RawConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    text = paper_config().text_config
+    raw = RawConfig(d_model=text.hidden_size, n_layer=text.num_hidden_layers, vocab_size=VOCAB, ssm_cfg={})
+    native = MambaLMHeadModel(raw, device="cuda", dtype=torch.float32)
+    if checkpointing:
+
+        class Checkpointed(torch.nn.Module):
+            def __init__(self, block):
+                super().__init__()
+                self.block = block
+
+            def forward(self, hidden_states, residual=None, inference_params=None, **kwargs):
+                return checkpoint(self.block, hidden_states, residual, use_reentrant=False)
+
+        native.backbone.layers = torch.nn.ModuleList(Checkpointed(block) for block in native.backbone.layers)
+    optimizer = torch.optim.AdamW(native.parameters(), lr=1e-6, fused=True)
+    ids = torch.randint(2, VOCAB - 4, (batch, seq_len), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = native(ids).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    median = median_step_s(step)
+    if profile:
+        print("mamba_ssm training step:", profile_table(step, rows=20), sep="\n")
+    return median
+
+
+def training_anchors(batch: int, seq_len: int, checkpointing: bool, profile: bool = False) -> dict:
+    """What the stage-2 step is held to, each part alone at the same shapes: mamba_ssm's own training step of the
+    LLM (`mamba_ssm_step_s`), the frozen vision tower's forward, and the connector's forward and backward."""
+    results = {"mamba_ssm_step_s": mamba_ssm_step_s(batch, seq_len, checkpointing, profile)}
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = VLMambaForConditionalGeneration(paper_config())
+    vision, connector = model.model.vision_tower.requires_grad_(False), model.model.multi_modal_projector
+    pixels = torch.randn(batch, 3, 384, 384, device="cuda")
+
+    def vision_forward():
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            return vision(pixels, output_hidden_states=[-2]).hidden_states[-2]
+
+    features = vision_forward().float()
+
+    def connector_step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            connector(features).float().sum().backward()
+
+    results["vision_forward_s"] = median_step_s(vision_forward)
+    results["connector_forward_backward_s"] = median_step_s(connector_step)
+    results["anchor_step_s"] = sum(results.values())
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["decode", "train"])
+    parser.add_argument("mode", choices=["decode", "prefill", "train"])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--skip-transformer", action="store_true")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--anchors", action=argparse.BooleanOptionalAction, default=True, help="train: measure the anchor step too"
+    )
     parser.add_argument("--output", help="write the results as JSON here")
     parser.add_argument("--profile", action="store_true", help="print where the GPU time goes (torch.profiler)")
     args = parser.parse_args()
-    results = decode(args) if args.mode == "decode" else train(args)
+    results = {"decode": decode, "prefill": prefill, "train": train}[args.mode](args)
     results["gpu"] = torch.cuda.get_device_name()
     print(json.dumps(results, indent=2, default=str))
     if args.output:

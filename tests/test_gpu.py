@@ -3,9 +3,13 @@
 - the mamba_ssm kernels give the same VL-Mamba as the PyTorch path (forward, greedy generation, training step);
 - a raw mamba_ssm model converted by conversion.convert_mamba_ssm gives mamba_ssm's own logits;
 - CUDA-graph decode gives the eager path's tokens and keeps the generate contract, also when it decodes ahead, and
-  the fused kernel of its decode step (residual add + RMSNorm) computes what transformers' Mamba does.
+  the fused kernel of its decode step (residual add + RMSNorm) computes what transformers' Mamba does;
+- the fused multi-token path (prefill, training) computes what transformers' kernel path does;
+- a converted Cobra decodes through the graph with the eager tokens.
 """
 
+import contextlib
+import copy
 import os
 import subprocess
 import sys
@@ -305,3 +309,89 @@ def test_a_converted_cobra_decodes_through_the_graph_with_the_eager_tokens(tmp_p
     eager = model.generate(**single, cuda_graph_decode=False, **settings)
     graphed = model.generate(**single, **settings)
     assert model._decode_graphs and torch.equal(graphed, eager)
+
+
+@contextlib.contextmanager
+def transformers_multi_token_path():
+    """transformers' own Mamba forward (its kernels) instead of the fused multi-token path, for the duration."""
+    from modeling_vlmamba import fused_mamba
+
+    original = fused_mamba.uses_fused_kernels
+    fused_mamba.uses_fused_kernels = lambda hidden_states: False
+    try:
+        yield
+    finally:
+        fused_mamba.uses_fused_kernels = original
+
+
+def test_the_fused_multi_token_path_computes_what_transformers_kernel_path_does():
+    """fp32: logits within 1e-4, the same greedy tokens, every gradient within 1e-5 relative (with and without
+    gradient checkpointing), and the same loss over 5 AdamW steps; bf16: logits within 1e-2 relative L2."""
+    pytest.importorskip("mamba_ssm")
+    pytest.importorskip("causal_conv1d")
+    from tests.conftest import make_image
+
+    model, processor = tiny_cuda_model()
+    reference = copy.deepcopy(model)
+    prompts = ["<image>What colour is the square at the top left?", "<image>Count."]
+    images = [make_image(), make_image(color=(9, 9, 9))]
+    inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt").to("cuda")
+    with torch.no_grad():
+        fused_logits = model(**inputs).logits
+        with transformers_multi_token_path():
+            stock_logits = reference(**inputs).logits
+    difference = (fused_logits - stock_logits).abs().max().item()
+    print(f"\nfused vs transformers multi-token path, fp32 logits: max |difference| {difference:.2e}")
+    assert difference < 1e-4
+    settings = {"max_new_tokens": 16, "do_sample": False}
+    fused_tokens = model.generate(**inputs, **settings)
+    with transformers_multi_token_path():
+        assert torch.equal(fused_tokens, reference.generate(**inputs, cuda_graph_decode=False, **settings))
+
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+
+    def gradients(m, checkpointing: bool) -> dict[str, torch.Tensor]:
+        m.zero_grad(set_to_none=True)
+        if checkpointing:
+            m.activation_checkpointing_enable()
+        m.train()(**inputs, labels=labels).loss.backward()
+        if checkpointing:
+            m.activation_checkpointing_disable()
+        return {name: p.grad.clone() for name, p in m.named_parameters() if p.grad is not None}
+
+    with transformers_multi_token_path():
+        expected = gradients(reference, checkpointing=False)
+    for checkpointing in (False, True):
+        ours = gradients(model, checkpointing)
+        assert ours.keys() == expected.keys()
+        worst = max(((ours[k] - g).norm() / g.norm().clamp(min=1e-30)).item() for k, g in expected.items())
+        print(f"gradients (checkpointing={checkpointing}): worst relative difference {worst:.2e}")
+        assert worst < 1e-5
+
+    def losses(m) -> list[float]:
+        optimizer = torch.optim.AdamW(m.parameters(), lr=1e-3)
+        curve = []
+        for _ in range(5):
+            loss = m.train()(**inputs, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            curve.append(loss.item())
+        return curve
+
+    ours_curve = losses(model)
+    with transformers_multi_token_path():
+        stock_curve = losses(reference)
+    print(f"loss curves: fused {ours_curve}, transformers {stock_curve}")
+    torch.testing.assert_close(torch.tensor(ours_curve), torch.tensor(stock_curve), rtol=1e-5, atol=0)
+
+    bf16 = tiny_cuda_model(torch.bfloat16)[0]
+    bf16_reference = copy.deepcopy(bf16)
+    half = {**inputs, "pixel_values": inputs["pixel_values"].to(torch.bfloat16)}
+    with torch.no_grad():
+        fused_half = bf16.eval()(**half).logits
+        with transformers_multi_token_path():
+            stock_half = bf16_reference.eval()(**half).logits
+    relative = ((fused_half - stock_half).norm() / stock_half.norm()).item()
+    print(f"bf16 logits: relative L2 difference {relative:.2e}")
+    assert relative < 1e-2
