@@ -2,12 +2,14 @@
 
 transformers' Mamba runs each residual add and RMSNorm as about ten PyTorch kernels in fp32, and lays the mixer's
 projections out so that the kernels copy them: on the 2.8B shape its prefill and training step take 1.5x to 1.8x
-mamba_ssm's own (bench/RESULTS.md). The classes here are subclasses of transformers' `MambaRMSNorm`, `MambaMixer`
-and `MambaBlock` with the same parameters (no key changes), which `use_fused_kernels` puts in place of a built
-`MambaModel`'s. On CUDA, with mamba_ssm and causal-conv1d installed, a multi-token forward then computes what
-mamba_ssm's `Block` and `Mamba` compute:
+mamba_ssm's own (bench/RESULTS.md). The classes here are subclasses of transformers' `MambaModel`, `MambaBlock`,
+`MambaMixer` and `MambaRMSNorm` with the same parameters (no key changes), which `use_fused_kernels` puts in place of
+a built `MambaModel`'s. On CUDA, with mamba_ssm and causal-conv1d installed, a multi-token forward then computes what
+mamba_ssm's `MixerModel`, `Block` and `Mamba` compute:
 
-- each RMSNorm is mamba_ssm's fused Triton kernel (with autograd), the block's residual kept in fp32 by it;
+- the residual is carried from block to block, and each residual add + RMSNorm is mamba_ssm's fused Triton kernel
+  (with autograd), the residual kept in fp32 by it;
+- an attention mask without padding is dropped once, rather than multiplied in twice per layer;
 - the input projection is one `weight @ x` matmul whose output the scan kernels read without a copy (a PEFT adapter
   on `in_proj` is called as its module instead);
 - training without a cache runs mamba_ssm's fused `mamba_inner_fn`; prefill and other forwards run the causal conv
@@ -23,10 +25,12 @@ import functools
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicCache
 from transformers.models.mamba.modeling_mamba import (
     MambaBlock,
     MambaMixer,
     MambaModel,
+    MambaOutput,
     MambaRMSNorm,
     apply_mask_to_padding_states,
     causal_conv1d_fn,
@@ -47,16 +51,21 @@ def uses_fused_kernels(hidden_states: torch.Tensor) -> bool:
 
 
 def rms_norm(
-    hidden_states: torch.Tensor, norm: MambaRMSNorm, residual_in_fp32: bool = False, prenorm: bool = False
+    hidden_states: torch.Tensor,
+    norm: MambaRMSNorm,
+    residual: torch.Tensor | None = None,
+    residual_in_fp32: bool = False,
+    prenorm: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """mamba_ssm's fused RMSNorm of `hidden_states` with `norm`'s weight; with `prenorm`, also `hidden_states` itself
-    as the residual (in fp32 with `residual_in_fp32`), as mamba_ssm's `Block` keeps it."""
+    """mamba_ssm's fused `RMSNorm(hidden_states + residual)` with `norm`'s weight, in `hidden_states`' dtype; with
+    `prenorm`, also the sum itself (in fp32 with `residual_in_fp32`), the next block's residual."""
     from mamba_ssm.ops.triton.layer_norm import rms_norm_fn
 
     return rms_norm_fn(
         hidden_states,
         norm.weight,
         None,
+        residual=residual,
         eps=norm.variance_epsilon,
         prenorm=prenorm,
         residual_in_fp32=residual_in_fp32,
@@ -64,12 +73,12 @@ def rms_norm(
 
 
 class FusedMambaRMSNorm(MambaRMSNorm):
-    """`MambaRMSNorm` (the final `norm_f`) through mamba_ssm's fused kernel on CUDA."""
+    """`MambaRMSNorm` (the final `norm_f`) that, given the last block's residual, adds it in the fused kernel."""
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if not uses_fused_kernels(hidden_states):
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if residual is None:
             return super().forward(hidden_states)
-        return rms_norm(hidden_states, self)
+        return rms_norm(hidden_states, self, residual=residual)
 
 
 class FusedMambaMixer(MambaMixer):
@@ -146,23 +155,88 @@ class FusedMambaMixer(MambaMixer):
 
 
 class FusedMambaBlock(MambaBlock):
-    """`MambaBlock` whose residual and RMSNorm are mamba_ssm's fused kernel on CUDA; same inputs and output."""
+    """`MambaBlock` that, called by `FusedMambaModel` with `carry_residual`, runs as mamba_ssm's `Block`: the previous
+    block's residual add and this block's RMSNorm in one fused kernel, the mixer's output returned with the residual
+    instead of added to it. Called as a `MambaBlock` (decode steps, hidden states asked for), it is one."""
 
-    def forward(self, hidden_states: torch.Tensor, cache_params=None, attention_mask=None, **kwargs) -> torch.Tensor:
-        if hidden_states.shape[1] == 1 or not uses_fused_kernels(hidden_states):  # decode steps keep the mixer's
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cache_params=None,
+        attention_mask=None,
+        residual: torch.Tensor | None = None,
+        carry_residual: bool = False,
+        **kwargs,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """With `carry_residual`: `hidden_states` (the previous mixer's output, or the embeddings for the first block)
+        and `residual` (None for the first block) -> `(mixer output, residual)`, each `(batch, seq, hidden)`."""
+        if not carry_residual:
             return super().forward(hidden_states, cache_params=cache_params, attention_mask=attention_mask)
-        normed, residual = rms_norm(hidden_states, self.norm, residual_in_fp32=self.residual_in_fp32, prenorm=True)
-        # The kernel normalises in fp32 and returns the input's dtype (fp32 past the first block): the mixer's
-        # projections take the weights' dtype, as transformers' block gives them.
-        normed = normed.to(self.norm.weight.dtype)
-        return residual + self.mixer(normed, cache_params=cache_params, attention_mask=attention_mask)
+        normed, residual = rms_norm(
+            hidden_states, self.norm, residual=residual, residual_in_fp32=self.residual_in_fp32, prenorm=True
+        )
+        return self.mixer(normed, cache_params=cache_params, attention_mask=attention_mask), residual
+
+
+class FusedMambaModel(MambaModel):
+    """`MambaModel` whose multi-token forward on CUDA carries the residual from block to block as mamba_ssm's
+    `MixerModel` does, so that each residual add happens inside the next RMSNorm's fused kernel."""
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache_params=None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple | MambaOutput:
+        embeddings = self.embeddings.weight if inputs_embeds is None else inputs_embeds
+        tokens = input_ids if inputs_embeds is None else inputs_embeds
+        per_layer = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        if (
+            (input_ids is None) == (inputs_embeds is None)
+            or tokens.shape[1] == 1
+            or per_layer
+            or not uses_fused_kernels(embeddings)
+        ):
+            return super().forward(
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
+                cache_params=cache_params,
+                use_cache=use_cache,
+                output_hidden_states=output_hidden_states,
+                return_dict=return_dict,
+                attention_mask=attention_mask,
+                **kwargs,
+            )
+        # From here, what MambaModel.forward does, with the residual carried.
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        use_cache = use_cache and not (self.gradient_checkpointing and self.training)
+        if use_cache and cache_params is None:
+            cache_params = DynamicCache(config=self.config)
+        if attention_mask is not None and bool(attention_mask.all()):  # nothing to zero: skip a pass per mask use
+            attention_mask = None
+        hidden_states = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        residual = None
+        for block in self.layers:
+            # positional: reentrant gradient checkpointing passes only positional tensors through
+            hidden_states, residual = block(hidden_states, cache_params, attention_mask, residual, True)
+        hidden_states = self.norm_f(hidden_states, residual=residual)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if not return_dict:
+            return tuple(v for v in (hidden_states, cache_params if use_cache else None) if v is not None)
+        return MambaOutput(last_hidden_state=hidden_states, cache_params=cache_params if use_cache else None)
 
 
 def use_fused_kernels(language_model: MambaModel) -> MambaModel:
-    """Give a built `MambaModel` the fused subclasses of its blocks, mixers and final norm (in place: same modules,
-    parameters and state-dict keys). Models of other types are returned as they are."""
+    """Give a built `MambaModel` the fused subclasses of itself, its blocks, mixers and final norm (in place: same
+    modules, parameters and state-dict keys). Models of other types are returned as they are."""
     if type(language_model) is not MambaModel:
         return language_model
+    language_model.__class__ = FusedMambaModel
     language_model.norm_f.__class__ = FusedMambaRMSNorm
     for layer in language_model.layers:
         layer.__class__ = FusedMambaBlock

@@ -7,17 +7,14 @@ implementations: the other run (kernels) is compared with this one.
 
 import sys
 
-
-class BlockKernels:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("mamba_ssm", "causal_conv1d"):
-            raise ImportError(f"{name} is blocked: this run takes the PyTorch path")
-        return None
+# A `None` entry makes `import` raise ImportError and `importlib.util.find_spec` return None, which is how
+# transformers' availability checks (and ours) then see the kernels: not installed.
+KERNEL_MODULES = ("mamba_ssm", "causal_conv1d", "selective_scan_cuda", "causal_conv1d_cuda")
 
 
 def main(folder: str, inputs_path: str, out_path: str, torch_path: bool = False) -> None:
     if torch_path:
-        sys.meta_path.insert(0, BlockKernels())
+        sys.modules.update(dict.fromkeys(KERNEL_MODULES))
     import torch
     from transformers import AutoModelForImageTextToText
 

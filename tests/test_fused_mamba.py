@@ -15,18 +15,26 @@ from transformers.cache_utils import DynamicCache
 from transformers.models.mamba.modeling_mamba import MambaModel
 
 from modeling_vlmamba import fused_mamba
-from modeling_vlmamba.fused_mamba import FusedMambaBlock, FusedMambaMixer, use_fused_kernels
+from modeling_vlmamba.fused_mamba import (
+    FusedMambaBlock,
+    FusedMambaMixer,
+    FusedMambaModel,
+    FusedMambaRMSNorm,
+    use_fused_kernels,
+)
 
 # fp32 on CPU: the two paths differ by summation order only.
 ATOL = 1e-5
 
 
-def reference_rms_norm(x, norm, residual_in_fp32=False, prenorm=False):
-    """mamba_ssm's `rms_norm_fn` without a residual input, in PyTorch: the norm in fp32, the input's dtype out."""
-    residual = x.float() if residual_in_fp32 else x
-    normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+def reference_rms_norm(x, norm, residual=None, residual_in_fp32=False, prenorm=False):
+    """mamba_ssm's `rms_norm_fn` in PyTorch: the sum `x + residual` and its norm in fp32, `x`'s dtype out; the sum
+    returned in the residual's dtype (fp32 with `residual_in_fp32` when there is none yet, else `x`'s)."""
+    summed = x.float() if residual is None else x.float() + residual.float()
+    residual_dtype = residual.dtype if residual is not None else (torch.float32 if residual_in_fp32 else x.dtype)
+    normed = summed * torch.rsqrt(summed.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
     normed = (normed * norm.weight.float()).to(x.dtype)
-    return (normed, residual) if prenorm else normed
+    return (normed, summed.to(residual_dtype)) if prenorm else normed
 
 
 @pytest.fixture
@@ -44,6 +52,7 @@ def models(seed: int = 0) -> tuple[MambaModel, MambaModel]:
 
 def test_the_fused_classes_keep_the_modules_and_weights(fused_on_cpu):
     stock, fused = models()
+    assert type(fused) is FusedMambaModel and type(fused.norm_f) is FusedMambaRMSNorm
     assert all(type(layer) is FusedMambaBlock and type(layer.mixer) is FusedMambaMixer for layer in fused.layers)
     assert stock.state_dict().keys() == fused.state_dict().keys()
     assert all(
@@ -77,8 +86,12 @@ def test_prefill_of_a_left_padded_batch_gives_the_same_outputs_and_states(fused_
     torch.testing.assert_close(short_fused, short_stock, rtol=0, atol=0)
 
 
-def test_training_gives_the_same_loss_and_gradients(fused_on_cpu):
+@pytest.mark.parametrize("checkpointing", [None, {"use_reentrant": False}, {"use_reentrant": True}])
+def test_training_gives_the_same_loss_and_gradients(fused_on_cpu, checkpointing):
+    """Also with gradient checkpointing, reentrant too: the carried residual must reach the previous block."""
     stock, fused = models()
+    if checkpointing is not None:
+        fused.activation_checkpointing_enable(checkpointing)
     ids = torch.randint(2, 64, (2, 11), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
     mask[0, -3:] = 0  # right padding, as training batches are padded
