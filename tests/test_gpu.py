@@ -326,7 +326,8 @@ def transformers_multi_token_path():
 
 def test_the_fused_multi_token_path_computes_what_transformers_kernel_path_does():
     """fp32: logits within 1e-4, the same greedy tokens, every gradient within 1e-5 relative (with and without
-    gradient checkpointing), and the same loss over 5 AdamW steps; bf16: logits within 1e-2 relative L2."""
+    gradient checkpointing; the key biases' zero gradient at rounding noise in both), and the same loss over 5 AdamW
+    steps; bf16: logits within 1e-2 relative L2."""
     pytest.importorskip("mamba_ssm")
     pytest.importorskip("causal_conv1d")
     from tests.conftest import make_image
@@ -361,12 +362,17 @@ def test_the_fused_multi_token_path_computes_what_transformers_kernel_path_does(
 
     with transformers_multi_token_path():
         expected = gradients(reference, checkpointing=False)
+    # The attention key biases' gradient is zero in exact arithmetic (a softmax ignores what is added to all its
+    # scores): what either path gives there is rounding noise, ~1e-8, whose relative difference means nothing.
+    noise = {name for name in expected if name.endswith("k_proj.bias")}
+    scale = max(g.norm().item() for g in expected.values())
     for checkpointing in (False, True):
         ours = gradients(model, checkpointing)
         assert ours.keys() == expected.keys()
-        worst = max(((ours[k] - g).norm() / g.norm().clamp(min=1e-30)).item() for k, g in expected.items())
+        worst = max(((ours[k] - g).norm() / g.norm()).item() for k, g in expected.items() if k not in noise)
         print(f"gradients (checkpointing={checkpointing}): worst relative difference {worst:.2e}")
         assert worst < 1e-5
+        assert all(max(ours[k].norm(), expected[k].norm()) < 1e-6 * scale for k in noise)
 
     def losses(m) -> list[float]:
         optimizer = torch.optim.AdamW(m.parameters(), lr=1e-3)
