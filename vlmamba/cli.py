@@ -23,6 +23,7 @@ TOOLS = {
     "convert-cobra": ("vlmamba.conversion.convert_cobra", "convert a Cobra checkpoint (DINOv2 + SigLIP + Mamba)"),
     "train": ("vlmamba.training.sft", "train stage 1 (alignment) or 2 (instruction tuning) with TRL"),
     "evaluate": ("vlmamba.training.evaluate", "exact-match accuracy on held-out LLaVA-JSON questions"),
+    "lmms-eval-task": ("vlmamba.training.lmms_eval_task", "held-out LLaVA-JSON questions as a local lmms-eval task"),
     "push": ("vlmamba.conversion.push_to_hub", "publish a VL-Mamba folder to the Hugging Face Hub"),
     "synthetic": ("vlmamba.training.synthetic", "draw the demo's synthetic dataset of coloured shapes"),
     "demo": ("vlmamba.training.demo", "the whole workflow on a synthetic task, on a CPU"),
