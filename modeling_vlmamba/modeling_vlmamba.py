@@ -91,7 +91,8 @@ class VisionSelectiveScan(nn.Module):
             conv_kernel=config.vss_conv_kernel,
             expand=config.vss_expand,
             num_hidden_layers=1,
-            use_mambapy=config.text_config.use_mambapy,  # one switch for the torch fallback of every mixer
+            # One switch for the torch fallback of every Mamba-1 mixer; a Mamba-2 text config has none.
+            use_mambapy=getattr(config.text_config, "use_mambapy", False),
         )
         self.mixer = FusedMambaMixer(mixer_config, layer_idx=0)
 
