@@ -4,7 +4,7 @@
         [--create-pr] [--license apache-2.0] [--datasets ORG/DATA ...] [--base-model ORG/MODEL ...] [--dry-run]
 
 The folder is checked (config with `auto_map`, safetensors weights, generation config, processor, tokenizer, chat
-template, the six code files; no pickle anywhere in it, by name or by content; no symbolic link leading out of it),
+template, the seven code files; no pickle anywhere in it, by name or by content; no symbolic link leading out of it),
 staged with its model card rendered for the repo (hidden files and training checkpoints left out, files that are not
 part of a VL-Mamba repo named in a warning), and uploaded with a single `HfApi.upload_folder` call. `--dry-run` stages
 and prints the files and the card, without any network call, and removes the staging folder unless `--staging-dir`
@@ -32,6 +32,7 @@ CODE_FILES = (
     "configuration_vlmamba.py",
     "decode_graph.py",
     "decode_kernels.py",
+    "decode_step.py",
     "fused_mamba.py",
     "modeling_vlmamba.py",
     "processing_vlmamba.py",

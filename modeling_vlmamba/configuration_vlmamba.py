@@ -17,6 +17,42 @@ AUTO_MAP = {
 }
 
 
+# The language models a VL-Mamba is built on (`text_config.model_type`).
+LANGUAGE_MODEL_TYPES = ("mamba", "falcon_mamba", "mamba2")
+# Config fields only some of them have. A FalconMamba's weights have exactly Mamba's names, so a mislabelled config
+# loads without an error and computes the wrong thing: only its fields can tell.
+_FALCON_MAMBA_FIELDS = {"mixer_rms_eps"}
+_MAMBA2_FIELDS = {"num_heads", "head_dim", "n_groups", "chunk_size", "time_step_limit"}
+_MAMBA1_FIELDS = {"time_step_init_scheme", "time_step_scale", "use_mambapy", "intermediate_size"}
+FOREIGN_FIELDS = {
+    "mamba": _FALCON_MAMBA_FIELDS | _MAMBA2_FIELDS,
+    "falcon_mamba": _MAMBA2_FIELDS,
+    "mamba2": _FALCON_MAMBA_FIELDS | _MAMBA1_FIELDS,
+}
+FAMILY_OF_FIELD = {
+    **dict.fromkeys(_FALCON_MAMBA_FIELDS, "falcon_mamba"),
+    **dict.fromkeys(_MAMBA2_FIELDS, "mamba2"),
+    **dict.fromkeys(_MAMBA1_FIELDS, "mamba or falcon_mamba"),
+}
+
+
+def check_language_model_config(config: PreTrainedConfig) -> None:
+    """Raise `ValueError` unless `config` is a Mamba, FalconMamba or Mamba-2 config whose fields match its type."""
+    if config.model_type not in LANGUAGE_MODEL_TYPES:
+        raise ValueError(
+            f"The language model config is a '{config.model_type}' config; a VL-Mamba's language model is one of "
+            f"{', '.join(LANGUAGE_MODEL_TYPES)}."
+        )
+    foreign = sorted(FOREIGN_FIELDS[config.model_type] & set(config.to_dict()))
+    if foreign:
+        families = sorted({FAMILY_OF_FIELD[field] for field in foreign})
+        raise ValueError(
+            f"The language model config says model_type='{config.model_type}' but has {', '.join(foreign)}, fields "
+            f"of a {' / '.join(families)} config: its weights would load without an error and compute the wrong "
+            f"thing. Set model_type to what the checkpoint is (from the LLM's own config.json)."
+        )
+
+
 def vision_attention(attn_implementation: str | dict | None) -> str | dict | None:
     """Where an `attn_implementation` applies: a single one to this config and the vision tower, never to the Mamba
     language model, which has no attention and rejects every implementation but its own; a dict, per sub-config, is
@@ -125,7 +161,8 @@ class VLMambaConfig(PreTrainedConfig):
             CLIP (`clip_vision_model`) is supported with `vision_feature_select_strategy="default"` (CLS dropped).
             A `VLMambaVisionConfig` (`model_type="vlmamba_vision"`) fuses several encoders.
         text_config (`dict` or `PreTrainedConfig`, *optional*):
-            Config of the Mamba language model. Defaults to the Mamba-2.8B shape.
+            Config of the language model: a `MambaConfig` (the default, at the Mamba-2.8B shape), a
+            `FalconMambaConfig` or a `Mamba2Config`.
         projector_type (`str`, *optional*, defaults to `"vss_l2"`):
             Multimodal connector: `"mlp"` (LLaVA-1.5 two-layer MLP), `"vss_mlp"` (VSS on the vision features, then
             residual, LayerNorm and MLP), `"vss_l2"` (Linear, GELU, VSS, residual, LayerNorm, Linear) or
@@ -211,6 +248,7 @@ class VLMambaConfig(PreTrainedConfig):
             # Not an AutoConfig type (remote code registers nothing): built here, then taken as it is.
             self.vision_config = VLMambaVisionConfig(**self.vision_config)
         super().__post_init__(**kwargs)
+        check_language_model_config(self.text_config)
         if self.vision_config.model_type == "siglip_vision_model":
             self.vision_config.vision_use_head = False  # VL-Mamba uses patch features, never SigLIP's pooling head
         if self.vision_feature_select_strategy is None:
@@ -374,4 +412,4 @@ class VLMambaConfig(PreTrainedConfig):
         )
 
 
-__all__ = ["VLMambaConfig", "VLMambaVisionConfig"]
+__all__ = ["LANGUAGE_MODEL_TYPES", "VLMambaConfig", "VLMambaVisionConfig", "check_language_model_config"]

@@ -1,16 +1,14 @@
 """The CUDA-graph decode of `VLMambaForConditionalGeneration.generate`: the language model's one-token step
-(`mamba_decode_step`) captured in a CUDA graph over a state cache of its own (`DecodeGraph`), and the stopping
+(`decode_step`) captured in a CUDA graph over a state cache of its own (`DecodeGraph`), and the stopping
 criterion that replays the next step while `generate` waits to learn whether to stop (`DecodeAhead`)."""
 
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import DynamicCache
 from transformers.generation.stopping_criteria import StoppingCriteria
-from transformers.models.mamba.modeling_mamba import MambaModel, causal_conv1d_update, mamba_selective_state_update
 
-from .decode_kernels import add_rms_norm
+from .decode_step import ssm_matrices
 
 if TYPE_CHECKING:
     from .modeling_vlmamba import VLMambaForConditionalGeneration
@@ -19,60 +17,12 @@ if TYPE_CHECKING:
 MAX_DECODE_GRAPHS = 8
 
 
-def ssm_matrices(language_model: MambaModel) -> torch.Tensor:
-    """Every layer's state matrix `A = -exp(A_log)`, as its mixer computes it: `(layers, intermediate, state)` fp32."""
-    return -torch.exp(torch.stack([layer.mixer.A_log for layer in language_model.layers]).float())
-
-
-def mamba_decode_step(
-    language_model: MambaModel, input_ids: torch.LongTensor, cache: Cache, ssm_A: torch.Tensor
-) -> torch.Tensor:
-    """One cached token through the Mamba LM: `(batch, 1)` ids -> `(batch, 1, hidden)` final hidden states.
-
-    What `language_model(input_ids, cache_params=cache)` computes for one token, with fewer and cheaper kernels,
-    for a CUDA graph: each residual add and RMSNorm is one kernel (`add_rms_norm`), `A` comes precomputed
-    (`ssm_matrices`), and every projection is a single `(batch, features)` matmul. The conv and SSM states in `cache`
-    advance in place through the same kernels (or PyTorch fallbacks) as the mixer's.
-    """
-    embeds = language_model.embeddings(input_ids[:, 0])
-    residual, mixer_output = embeds.float() if language_model.config.residual_in_fp32 else embeds, None
-    for layer_idx, (layer, A) in enumerate(zip(language_model.layers, ssm_A, strict=True)):
-        residual, hidden_states = add_rms_norm(residual, mixer_output, layer.norm)
-        mixer = layer.mixer
-        x, gate = mixer.in_proj(hidden_states).chunk(2, dim=-1)
-        x = causal_conv1d_update(
-            x.unsqueeze(-1),
-            cache.get_conv_state(layer_idx, state_idx=0),
-            mixer.conv1d.weight.squeeze(1),
-            mixer.conv1d.bias,
-            activation=mixer.activation,
-        ).squeeze(-1)
-        time_step, B, C = torch.split(
-            mixer.x_proj(x), [mixer.time_step_rank, mixer.ssm_state_size, mixer.ssm_state_size], dim=-1
-        )
-        y = mamba_selective_state_update(
-            cache.get_recurrent_state(layer_idx, state_idx=0),
-            x,
-            nn.functional.linear(time_step, mixer.dt_proj.weight),  # its bias is added in fp32, as the mixer does
-            A,
-            B,
-            C,
-            mixer.D,
-            z=gate,
-            dt_bias=mixer.dt_proj.bias,
-            dt_softplus=True,
-        )
-        mixer_output = mixer.out_proj(y)
-    _, hidden_states = add_rms_norm(residual, mixer_output, language_model.norm_f, block_norm=False)
-    return hidden_states[:, None]
-
-
 class DecodeGraph:
     """The language model's one-token decode step captured in a CUDA graph, over a state cache of its own.
 
     A Mamba's decode state has a fixed size and is updated in place, so one capture replays exactly; eager decoding
     is bound by kernel launches instead (16 tokens/s for Mamba-2.8B on an H100). The captured step is
-    `mamba_decode_step`. `generate` calls `reset` and prefills into `cache`; each decode step then copies the new
+    `decode_step`. `generate` calls `reset` and prefills into `cache`; each decode step then copies the new
     token ids in and replays. The graph is captured at the first decode step and reused by later `generate` calls
     with the same batch size, as long as what the capture baked in stays the same (`key`: where the parameters live,
     and the state of any PEFT adapters).

@@ -1,16 +1,22 @@
-"""The fused kernel of the CUDA-graph decode step (`mamba_decode_step`), with its PyTorch fallback.
+"""The fused kernels of the CUDA-graph decode step (`decode_step`), each with its PyTorch fallback.
 
 A graphed decode step of a 64-layer Mamba at small batch sizes is bound by the number of kernels it runs, not by
-their work. `add_rms_norm` does a residual add and `MambaRMSNorm` (about ten PyTorch kernels) in one Triton kernel,
-used on CUDA when Triton is installed. It computes what transformers' `MambaBlock` (or the final `norm_f`) computes:
-the sum in the promoted dtype of its operands, the norm input rounded to the weight's dtype (not for `norm_f`), the
-normalised value rounded to the norm input's dtype before the weight is applied. Its fp32 mean of squares and
-approximate `rsqrt` differ from PyTorch's by an ulp or so, which bf16 rounding sometimes turns into one bf16 step.
+their work, so each normalisation is one kernel on CUDA:
+
+- `add_rms_norm` does a residual add and `MambaRMSNorm` (about ten PyTorch kernels) in one Triton kernel, used on
+  CUDA when Triton is installed. It computes what transformers' `MambaBlock` (or the final `norm_f`) computes: the sum
+  in the promoted dtype of its operands, the norm input rounded to the weight's dtype (not for `norm_f`), the
+  normalised value rounded to the norm input's dtype before the weight is applied.
+- `dt_bc_rms_norm` normalises FalconMamba's dt, B and C (three weightless RMSNorms) in one Triton kernel.
+- `gated_rms_norm` is Mamba-2's gated, grouped RMSNorm through mamba_ssm's Triton kernel.
+
+Their fp32 means of squares and approximate `rsqrt` differ from PyTorch's by an ulp or so, which bf16 rounding
+sometimes turns into one bf16 step.
 """
 
 import torch
 from torch import nn
-from transformers.utils.import_utils import is_triton_available
+from transformers.utils.import_utils import is_mamba_ssm_available, is_triton_available
 
 
 def add_rms_norm(
@@ -28,6 +34,36 @@ def add_rms_norm(
     if mixer_output is not None:
         residual = residual + mixer_output
     return residual, norm(residual.to(norm.weight.dtype) if block_norm else residual)
+
+
+def dt_bc_rms_norm(
+    x_dbl: torch.Tensor, time_step_rank: int, state_size: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FalconMamba's x projection `(batch, time_step_rank + 2 * state_size)` split into dt, B and C, each
+    RMS-normalised on its own without weights: fp32 arithmetic, results in `x_dbl`'s dtype."""
+    widths = [time_step_rank, state_size, state_size]
+    if x_dbl.is_cuda and is_triton_available():
+        return _triton_dt_bc_rms_norm(x_dbl, time_step_rank, state_size, eps).split(widths, dim=-1)
+    parts = (part.float() for part in x_dbl.split(widths, dim=-1))
+    return tuple((part * torch.rsqrt(part.pow(2).mean(-1, keepdim=True) + eps)).to(x_dbl.dtype) for part in parts)
+
+
+def gated_rms_norm(hidden_states: torch.Tensor, gate: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """Mamba-2's `MambaRMSNormGated`: `norm(hidden_states * silu(gate))` per group of channels, `(batch, channels)`;
+    on CUDA through mamba_ssm's kernel, where installed (one kernel instead of about a dozen)."""
+    if hidden_states.is_cuda and is_mamba_ssm_available():
+        from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+
+        return rmsnorm_fn(
+            hidden_states,
+            norm.weight,
+            None,
+            z=gate,
+            eps=norm.variance_epsilon,
+            group_size=norm.group_size,
+            norm_before_gate=False,
+        )
+    return norm(hidden_states, gate)
 
 
 if is_triton_available():
@@ -94,3 +130,24 @@ if is_triton_available():
                 num_warps=min(max(block // 256, 1), 8),
             )
         return residual_out, normed
+
+    @triton.jit
+    def _dt_bc_rms_norm_kernel(x_ptr, out_ptr, row_width, rank, state_size, eps, BLOCK: tl.constexpr):
+        row, part = tl.program_id(0), tl.program_id(1)  # part 0: dt (rank wide), 1: B, 2: C (state_size wide)
+        start = tl.where(part == 0, 0, rank + (part - 1) * state_size)
+        width = tl.where(part == 0, rank, state_size)
+        columns = tl.arange(0, BLOCK)
+        inside = columns < width
+        offsets = row * row_width + start + columns
+        x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        inverse_rms = tl.rsqrt(tl.sum(x * x, axis=0) / width.to(tl.float32) + eps)
+        tl.store(out_ptr + offsets, (x * inverse_rms).to(out_ptr.dtype.element_ty), mask=inside)
+
+    def _triton_dt_bc_rms_norm(x_dbl: torch.Tensor, rank: int, state_size: int, eps: float) -> torch.Tensor:
+        x_dbl = x_dbl.contiguous()
+        out = torch.empty_like(x_dbl)
+        with torch.cuda.device(x_dbl.device):
+            _dt_bc_rms_norm_kernel[(x_dbl.shape[0], 3)](
+                x_dbl, out, x_dbl.shape[1], rank, state_size, eps, BLOCK=triton.next_power_of_2(max(rank, state_size))
+            )
+        return out

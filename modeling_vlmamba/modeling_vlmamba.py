@@ -21,7 +21,8 @@ from transformers.utils.import_utils import torch_compilable_check
 from transformers.utils.output_capturing import selected_hidden_states
 
 from .configuration_vlmamba import VLMambaConfig, VLMambaVisionConfig, vision_attention
-from .decode_graph import MAX_DECODE_GRAPHS, DecodeAhead, DecodeGraph, mamba_decode_step
+from .decode_graph import MAX_DECODE_GRAPHS, DecodeAhead, DecodeGraph
+from .decode_step import decode_step
 from .fused_mamba import FusedMambaMixer, use_fused_kernels
 
 IGNORE_INDEX = -100
@@ -634,8 +635,8 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
         )
 
     def decode_logits(self, input_ids: torch.LongTensor, cache_params: Cache, ssm_A: torch.Tensor) -> torch.Tensor:
-        """One cached decode step (`mamba_decode_step`): `(batch, 1)` ids -> `(batch, 1, vocab)` fp32 logits."""
-        hidden_states = mamba_decode_step(self.model.language_model, input_ids, cache_params, ssm_A)
+        """One cached decode step (`decode_step`): `(batch, 1)` ids -> `(batch, 1, vocab)` fp32 logits."""
+        hidden_states = decode_step(self.model.language_model, input_ids, cache_params, ssm_A)
         return self.lm_head(hidden_states.to(self.lm_head.weight.dtype)).float()
 
     @functools.wraps(GenerationMixin.generate)
@@ -745,7 +746,7 @@ __all__ = [
     "LORA_TARGET_MODULES",
     "DecodeAhead",
     "DecodeGraph",
-    "mamba_decode_step",
+    "decode_step",
     "VLMambaForConditionalGeneration",
     "VLMambaModel",
     "VLMambaPreTrainedModel",

@@ -16,6 +16,7 @@ EXPECTED_FILES = {
     "configuration_vlmamba.py",
     "decode_graph.py",
     "decode_kernels.py",
+    "decode_step.py",
     "fused_mamba.py",
     "modeling_vlmamba.py",
     "processing_vlmamba.py",

@@ -6,7 +6,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from modeling_vlmamba import LORA_TARGET_MODULES, VLMambaForConditionalGeneration
-from modeling_vlmamba.decode_graph import ssm_matrices
+from modeling_vlmamba.decode_step import ssm_matrices
 from tests.conftest import make_image, user_turn
 from vlmamba.training.tiny import TINY_CLIP, TINY_SIGLIP, tiny_config, tiny_model, tiny_processor
 
@@ -167,12 +167,13 @@ def test_decode_without_mask_equals_the_full_forward(model, processor):
     torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], rtol=0, atol=ATOL)
 
 
+@pytest.mark.parametrize("backbone", ["mamba", "falcon_mamba", "mamba2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("residual_in_fp32", [True, False])
-def test_graph_decode_step_equals_the_cached_forward(tokenizer, processor, residual_in_fp32, dtype):
-    """`mamba_decode_step` (the step DecodeGraph captures) gives the cached forward's logits and states: the same
-    roundings in bf16 too (the residual kept in fp32 or not, the norm input in the weight dtype)."""
-    config = tiny_config(tokenizer, text={"residual_in_fp32": residual_in_fp32})
+def test_graph_decode_step_equals_the_cached_forward(tokenizer, processor, residual_in_fp32, dtype, backbone):
+    """`decode_step` (the step DecodeGraph captures) gives the cached forward's logits and states for each backbone:
+    the same roundings in bf16 too (the residual kept in fp32 or not, the norm input in the weight dtype)."""
+    config = tiny_config(tokenizer, text={"model_type": backbone, "residual_in_fp32": residual_in_fp32})
     model = tiny_model(config).to(dtype)
     batch = chat_inputs(processor, ["What colour is the square at the top left?", "How many?"])
     batch["pixel_values"] = batch["pixel_values"].to(dtype)

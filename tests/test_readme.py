@@ -42,7 +42,7 @@ def test_quickstart_and_the_trl_peft_example_run_as_written(tmp_path):
 def test_readme_counts_the_code_files_a_saved_folder_carries():
     from vlmamba.conversion.push_to_hub import CODE_FILES
 
-    assert len(CODE_FILES) == 6 and "carries the six code files" in README
+    assert len(CODE_FILES) == 7 and "carries the seven code files" in README
     assert all(f"`{name}`" in README for name in CODE_FILES)
 
 

@@ -60,6 +60,19 @@ TINY_MAMBA = {
     "eos_token_id": 0,
     "pad_token_id": 1,
 }
+# The other backbones at the same tiny size: FalconMamba (Mamba-1 with dt/B/C norms; untied head, as the 7B) and
+# Mamba-2 (4 heads of 16 channels in 2 groups, chunks of 8 tokens so that prompts span several).
+TINY_FALCON_MAMBA = {**TINY_MAMBA, "model_type": "falcon_mamba", "tie_word_embeddings": False}
+TINY_MAMBA2 = {
+    **{k: v for k, v in TINY_MAMBA.items() if k != "model_type"},
+    "model_type": "mamba2",
+    "num_heads": 4,
+    "head_dim": 16,
+    "n_groups": 2,
+    "chunk_size": 8,
+    "tie_word_embeddings": True,
+}
+TINY_TEXT = {"mamba": TINY_MAMBA, "falcon_mamba": TINY_FALCON_MAMBA, "mamba2": TINY_MAMBA2}
 SAMPLE_TEXT = [
     "<|system|>\nYou answer questions about pictures.",
     "<|user|>\nWhat colour is the square?<|endoftext|>\n<|assistant|>\nThe square is red.<|endoftext|>\n",
@@ -71,13 +84,15 @@ SAMPLE_TEXT = [
 def tiny_config(
     tokenizer: PreTrainedTokenizerBase, vision: dict | None = None, text: dict | None = None, **kwargs
 ) -> VLMambaConfig:
-    """A from-scratch config sized by `vision`/`text` (default: the tiny dicts above) for `tokenizer`'s vocabulary."""
+    """A from-scratch config sized by `vision`/`text` (default: the tiny dicts above; a `text` with another
+    `model_type` starts from that backbone's tiny dict) for `tokenizer`'s vocabulary."""
     vision = vision or TINY_SIGLIP
     kwargs.setdefault("vss_state_size", 4)
     kwargs.setdefault("image_token_id", tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
     if vision["model_type"] == "clip_vision_model":
         kwargs.setdefault("vision_feature_select_strategy", "default")
-    text = {**TINY_MAMBA, "vocab_size": pad_vocab_size(len(tokenizer)), **(text or {})}
+    text = text or {}
+    text = {**TINY_TEXT[text.get("model_type", "mamba")], "vocab_size": pad_vocab_size(len(tokenizer)), **text}
     return VLMambaConfig(vision_config=dict(vision), text_config=text, **kwargs)
 
 
