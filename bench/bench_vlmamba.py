@@ -1,6 +1,7 @@
 """GPU benchmarks of VL-Mamba at the paper's 2.8B shape, with baselines measured in the same run.
 
-    python bench/bench_vlmamba.py decode [--batch-sizes 1 16 64] [--new-tokens 256] [--skip-transformer] [--profile]
+    python bench/bench_vlmamba.py decode [--llm mamba|falcon_mamba|mamba2] [--batch-sizes 1 16 64] [--new-tokens 256]
+                                         [--skip-transformer] [--profile]
     python bench/bench_vlmamba.py prefill [--batch-sizes 1 16 64] [--profile]
     python bench/bench_vlmamba.py train [--batch-size 8] [--steps 6] [--no-gradient-checkpointing] [--profile]
 
@@ -9,7 +10,11 @@ random weights, bf16) answering one 384x384 image and a short question (800 prom
 `generate` with CUDA-graph decode, and again without decoding ahead (an ablation: see `without_decode_ahead`);
 (b) mamba_ssm's `MambaLMHeadModel.generate(cg=True)` with the same LLM weights and prompt length; (c) a same-size
 transformer (Phi-2 shape) in transformers with a static cache (auto-compiled). Prints decode tokens/s, time to first
-token, first-call warm-up and peak memory, with ratios to (b) and (c).
+token, first-call warm-up and peak memory, with ratios to (b) and (c). `--llm` picks the language model, at the shape
+of mamba-2.8b (the default), Falcon3-Mamba-7B or mamba2-2.7b; its baselines in the same run are mamba_ssm's
+`generate(cg=True)` for Mamba and Mamba-2, and transformers' own `FalconMambaForCausalLM.generate` (eager, and with a
+static cache) for FalconMamba. The decode-ahead ablation, the Phi-2 baseline and the memory-growth check run for
+Mamba only.
 
 `prefill`: time to first token at each batch size (one 384x384 image, 800 prompt tokens), with the fused
 multi-token path and without it (transformers' Mamba forward), against the vision tower + connector alone plus
@@ -46,11 +51,38 @@ H100_BF16_FLOPS = 989e12
 PROMPT_TOKENS = 800
 VOCAB = 50280
 IMAGE_TOKEN_ID = 50277
+# The language models' shapes (random weights): mamba-2.8b; Falcon3-Mamba-7B, its 65024-token vocabulary grown by the
+# <image> row (id 65024); mamba2-2.7b, its vocabulary padded to a multiple of 16 as mamba_ssm pads it.
+LLM_SHAPES = {
+    "mamba": {"model_type": "mamba", "hidden_size": 2560, "num_hidden_layers": 64, "vocab_size": VOCAB},
+    "falcon_mamba": {
+        "model_type": "falcon_mamba",
+        "hidden_size": 4096,
+        "num_hidden_layers": 64,
+        "vocab_size": 65025,
+        "state_size": 16,
+        "time_step_rank": 256,
+        "tie_word_embeddings": False,
+    },
+    "mamba2": {
+        "model_type": "mamba2",
+        "hidden_size": 2560,
+        "num_hidden_layers": 64,
+        "vocab_size": 50288,
+        "state_size": 128,
+        "num_heads": 80,
+        "head_dim": 64,
+        "n_groups": 1,
+        "chunk_size": 256,
+        "tie_word_embeddings": True,
+    },
+}
+IMAGE_TOKEN_IDS = {"mamba": IMAGE_TOKEN_ID, "falcon_mamba": 65024, "mamba2": IMAGE_TOKEN_ID}
 
 
-def paper_config() -> VLMambaConfig:
-    """SigLIP-SO400M/14-384 + vss_l2 (bidirectional) + Mamba-2.8B: the defaults of VLMambaConfig."""
-    config = VLMambaConfig(text_config={"hidden_size": 2560, "num_hidden_layers": 64, "vocab_size": VOCAB})
+def paper_config(llm: str = "mamba") -> VLMambaConfig:
+    """SigLIP-SO400M/14-384 + vss_l2 (bidirectional) + the `llm` shape (Mamba-2.8B: the defaults of VLMambaConfig)."""
+    config = VLMambaConfig(text_config=LLM_SHAPES[llm], image_token_id=IMAGE_TOKEN_IDS[llm])
     assert config.image_seq_length == 729
     return config
 
@@ -91,10 +123,11 @@ def profile_table(function, rows: int = 15, sort_by: str = "self_device_time_tot
     return profile_report(profiler, time.perf_counter() - start, rows, sort_by)
 
 
-def prompt(batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """800 tokens: 35 text tokens, the 729 image tokens of one image, 36 text tokens; and its pixels."""
-    text = torch.randint(2, IMAGE_TOKEN_ID, (batch, PROMPT_TOKENS - 729), generator=generator)
-    image = torch.full((batch, 729), IMAGE_TOKEN_ID)
+def prompt(batch: int, generator: torch.Generator, image_token_id: int = IMAGE_TOKEN_ID) -> dict[str, torch.Tensor]:
+    """800 tokens: 35 text tokens (ids below `image_token_id`), the 729 image tokens of one image, 36 text tokens; and
+    its pixels."""
+    text = torch.randint(2, image_token_id, (batch, PROMPT_TOKENS - 729), generator=generator)
+    image = torch.full((batch, 729), image_token_id)
     input_ids = torch.cat([text[:, :35], image, text[:, 35:]], dim=1)
     pixel_values = torch.randn(batch, 3, 384, 384, generator=generator)
     return {"input_ids": input_ids.cuda(), "pixel_values": pixel_values.cuda().to(torch.bfloat16)}
@@ -189,11 +222,18 @@ def vlmamba_runner(model, inputs: dict, **kwargs):
 
 
 def mamba_ssm_model(vlmamba: VLMambaForConditionalGeneration):
+    """mamba_ssm's `MambaLMHeadModel` (Mamba or Mamba-2) holding the VL-Mamba's language model weights."""
     from mamba_ssm.models.config_mamba import MambaConfig as RawConfig
     from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
 
     text = vlmamba.config.text_config
-    raw = RawConfig(d_model=text.hidden_size, n_layer=text.num_hidden_layers, vocab_size=VOCAB, ssm_cfg={})
+    ssm_cfg = {}
+    if text.model_type == "mamba2":
+        ssm_cfg = {"layer": "Mamba2", "d_state": text.state_size, "headdim": text.head_dim, "ngroups": text.n_groups}
+        ssm_cfg |= {"d_conv": text.conv_kernel, "expand": text.expand, "chunk_size": text.chunk_size}
+    raw = RawConfig(
+        d_model=text.hidden_size, n_layer=text.num_hidden_layers, vocab_size=text.vocab_size, ssm_cfg=ssm_cfg
+    )
     model = MambaLMHeadModel(raw, device="cuda", dtype=torch.bfloat16).eval()
     state = {
         key.replace("embeddings.", "embedding."): value
@@ -215,32 +255,43 @@ def phi_model():
 
 def decode(args: argparse.Namespace) -> dict:
     generator = torch.Generator().manual_seed(0)
-    results = mamba_measurements(args, generator)
+    results, model = vlmamba_measurements(args, generator)
+    if args.llm == "falcon_mamba":
+        results |= falcon_mamba_measurements(args, model, generator)
+    else:
+        results["mamba_ssm"] = mamba_ssm_measurements(args, model, generator, results["checks"])
+    del model
     gc.collect()
     torch.cuda.empty_cache()
-    results["transformer"] = {} if args.skip_transformer else transformer_measurements(args, generator)
+    if args.llm == "mamba" and not args.skip_transformer:
+        results["transformer"] = transformer_measurements(args, generator)
+    ours = [name for name in ("vlmamba", "vlmamba_no_decode_ahead") if results.get(name)]
+    baselines = ("mamba_ssm", "transformer", "falcon_mamba_eager", "falcon_mamba_static")
     results["decode_speed_ratios"] = {
-        f"{ours} / {baseline}": {
-            batch: results[ours][batch]["decode_tokens_per_s"] / results[baseline][batch]["decode_tokens_per_s"]
+        f"{mine} / {baseline}": {
+            batch: results[mine][batch]["decode_tokens_per_s"] / results[baseline][batch]["decode_tokens_per_s"]
             for batch in args.batch_sizes
             if batch in results[baseline]
         }
-        for ours in ("vlmamba", "vlmamba_no_decode_ahead")
-        for baseline in ("mamba_ssm", "transformer")
+        for mine in ours
+        for baseline in baselines
+        if results.get(baseline)
     }
     return results
 
 
-def mamba_measurements(args: argparse.Namespace, generator: torch.Generator) -> dict:
-    """(a) VL-Mamba through generate, and (b) mamba_ssm native with the same LLM weights."""
+def vlmamba_measurements(args: argparse.Namespace, generator: torch.Generator) -> tuple[dict, torch.nn.Module]:
+    """(a) VL-Mamba through generate (and, for Mamba, without decoding ahead); the results and the model."""
     torch.manual_seed(0)  # the same random weights in every run
     with torch.device("cuda"):
-        model = VLMambaForConditionalGeneration(paper_config()).to(torch.bfloat16).eval()
+        model = VLMambaForConditionalGeneration(paper_config(args.llm)).to(torch.bfloat16).eval()
     model.generation_config.eos_token_id = None  # random weights: run every step
-    results = {"vlmamba": {}, "vlmamba_no_decode_ahead": {}, "mamba_ssm": {}, "checks": {}}
+    image_token_id = model.config.image_token_id
+    results = {"llm": args.llm, "vlmamba": {}, "vlmamba_no_decode_ahead": {}, "checks": {}}
 
-    single = prompt(1, generator)
+    single = prompt(1, generator, image_token_id)
     results["checks"].update(compare_with_eager(model, single))
+    results["checks"]["fp32_graph_tokens_equal_eager"] = fp32_graph_tokens_equal_eager(model, single)
     eager_time, _ = timed(
         lambda: model.generate(**single, max_new_tokens=32, do_sample=False, cuda_graph_decode=False)
     )
@@ -252,7 +303,7 @@ def mamba_measurements(args: argparse.Namespace, generator: torch.Generator) -> 
     results["checks"]["vision_and_connector_s"] = vision_s
 
     for batch in args.batch_sizes:
-        inputs = prompt(batch, generator)
+        inputs = prompt(batch, generator, image_token_id)
         model._decode_graphs.clear()  # warm-up and peak memory of this batch size alone
         results["vlmamba"][batch] = measure_generate(vlmamba_runner(model, inputs), args.new_tokens, batch)
         print(f"VL-Mamba batch {batch}: {results['vlmamba'][batch]}", flush=True)
@@ -269,6 +320,8 @@ def mamba_measurements(args: argparse.Namespace, generator: torch.Generator) -> 
             decode_64 = vlmamba_runner(model, single)
             table = profile_table(lambda: decode_64(64), rows=25, sort_by="self_cpu_time_total")
             print("VL-Mamba generate, batch 1, 64 new tokens, by host time:", table, sep="\n")
+    if args.llm != "mamba":
+        return results, model
     with without_decode_ahead(model):
         equal = torch.equal(vlmamba_runner(model, single)(32), stock_tokens)
         results["checks"]["no_decode_ahead_gives_the_same_32_tokens"] = equal
@@ -293,22 +346,77 @@ def mamba_measurements(args: argparse.Namespace, generator: torch.Generator) -> 
     long_generate(4096)
     peak_4096 = torch.cuda.max_memory_allocated()
     results["checks"]["peak_memory_growth_256_to_4096"] = peak_4096 / peak_256 - 1
+    return results, model
 
-    native = mamba_ssm_model(model)
+
+def fp32_graph_tokens_equal_eager(model, inputs: dict, new_tokens: int = 32) -> bool:
+    """Whether the graph decode of an fp32 copy of the language model and head gives eager's greedy tokens (`inputs`'
+    image as features, so that the vision tower stays bf16)."""
+    with torch.no_grad():
+        features = model.get_image_features(inputs["pixel_values"], return_dict=True)
+    model.model.language_model.float()
+    model.lm_head.float()
+    try:
+        settings = {"input_ids": inputs["input_ids"], "mm_encoder_outputs": {"image": features}}
+        settings |= {"max_new_tokens": new_tokens, "do_sample": False}
+        eager = model.generate(**settings, cuda_graph_decode=False)
+        return torch.equal(model.generate(**settings), eager)
+    finally:
+        model.model.language_model.to(torch.bfloat16)
+        model.lm_head.to(torch.bfloat16)
+        model._decode_graphs.clear()
+
+
+def mamba_ssm_measurements(args: argparse.Namespace, model, generator: torch.Generator, checks: dict) -> dict:
+    """(b) mamba_ssm's own `generate(cg=True)` with the same LLM weights and prompt length (Mamba or Mamba-2)."""
+    native, results = mamba_ssm_model(model), {}
+    limit = model.config.image_token_id
     for batch in args.batch_sizes:
-        ids = prompt(batch, generator)["input_ids"].clamp(max=VOCAB - 4)
+        ids = prompt(batch, generator, limit)["input_ids"].clamp(max=limit - 1)
 
         def generate(new_tokens: int, ids=ids):
             return native.generate(ids, max_length=PROMPT_TOKENS + new_tokens, cg=True, top_k=1)
 
-        results["mamba_ssm"][batch] = measure_generate(generate, args.new_tokens, batch)
-        print(f"mamba_ssm batch {batch}: {results['mamba_ssm'][batch]}", flush=True)
+        results[batch] = measure_generate(generate, args.new_tokens, batch)
+        print(f"mamba_ssm batch {batch}: {results[batch]}", flush=True)
+    single = prompt(1, generator, limit)["input_ids"].clamp(max=limit - 1)
     with torch.no_grad():
-        prefill_s, _ = timed(lambda: native(single["input_ids"].clamp(max=VOCAB - 4), num_last_tokens=1), repeats=5)
-    results["checks"]["mamba_ssm_prefill_s"] = prefill_s
+        checks["mamba_ssm_prefill_s"] = timed(lambda: native(single, num_last_tokens=1), repeats=5)[0]
     if args.profile:
-        ids = single["input_ids"].clamp(max=VOCAB - 4)
-        print("mamba_ssm prefill, batch 1:", profile_table(lambda: native(ids, num_last_tokens=1)), sep="\n")
+        print("mamba_ssm prefill, batch 1:", profile_table(lambda: native(single, num_last_tokens=1)), sep="\n")
+    return results
+
+
+def falcon_mamba_measurements(args: argparse.Namespace, model, generator: torch.Generator) -> dict:
+    """(b) transformers' own `FalconMambaForCausalLM.generate` on the VL-Mamba's language model and head (the same
+    modules): eager, and with a static cache, which `generate` compiles on CUDA where the model allows it."""
+    from transformers import FalconMambaForCausalLM
+
+    with torch.device("meta"):
+        llm = FalconMambaForCausalLM(model.config.text_config)
+    llm.backbone, llm.lm_head = model.model.language_model, model.lm_head
+    llm.eval().generation_config.eos_token_id = None
+    limit = model.config.image_token_id
+    results = {"falcon_mamba_eager": {}, "falcon_mamba_static": {}}
+    for name, extra in (("falcon_mamba_eager", {}), ("falcon_mamba_static", {"cache_implementation": "static"})):
+        for batch in args.batch_sizes:
+            ids = prompt(batch, generator, limit)["input_ids"].clamp(max=limit - 1)
+
+            def generate(new_tokens: int, ids=ids, extra=extra):
+                return llm.generate(
+                    ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **extra
+                )
+
+            try:
+                results[name][batch] = measure_generate(generate, args.new_tokens, batch, repeats=3)
+            except Exception as error:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
+                results[name][batch] = {"error": f"{type(error).__name__}: {error}"[:500]}
+                print(f"{name} batch {batch} failed: {results[name][batch]['error']}", flush=True)
+                break
+            results[name][batch]["compiled"] = getattr(llm, "_compiled_call", None) is not None
+            print(f"{name} batch {batch}: {results[name][batch]}", flush=True)
+    for name in results:  # failed rows out of the ratios
+        results[name] = {batch: row for batch, row in results[name].items() if "error" not in row} or results[name]
     return results
 
 
@@ -544,6 +652,9 @@ def training_anchors(batch: int, seq_len: int, checkpointing: bool, profile: boo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=["decode", "prefill", "train"])
+    parser.add_argument(
+        "--llm", choices=sorted(LLM_SHAPES), default="mamba", help="decode: the language model's shape"
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--skip-transformer", action="store_true")

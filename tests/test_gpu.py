@@ -2,8 +2,9 @@
 
 - the mamba_ssm kernels give the same VL-Mamba as the PyTorch path (forward, greedy generation, training step);
 - a raw mamba_ssm model converted by conversion.convert_mamba_ssm gives mamba_ssm's own logits;
-- CUDA-graph decode gives the eager path's tokens and keeps the generate contract, also when it decodes ahead, and
-  the fused kernel of its decode step (residual add + RMSNorm) computes what transformers' Mamba does;
+- CUDA-graph decode gives the eager path's tokens and keeps the generate contract (for each backbone: Mamba,
+  FalconMamba, Mamba-2), also when it decodes ahead, and the fused kernels of its decode step (residual add + RMSNorm,
+  FalconMamba's dt/B/C norms) compute what transformers does;
 - the fused multi-token path (prefill, training) computes what transformers' kernel path does;
 - a converted Cobra decodes through the graph with the eager tokens.
 """
@@ -102,22 +103,41 @@ def test_converted_mamba_ssm_gives_mamba_ssms_logits(tmp_path):
     assert difference < ATOL
 
 
-def tiny_cuda_model(dtype=torch.float32):
+# Small language models of each backbone, at sizes mamba_ssm's Triton kernels take (Mamba-2: 16-wide states, 32-wide
+# heads in 2 groups, chunks of 16 tokens so that prompts span several).
+CUDA_TEXT = {
+    "mamba": {"hidden_size": 64, "num_hidden_layers": 3},
+    "falcon_mamba": {"model_type": "falcon_mamba", "hidden_size": 64, "num_hidden_layers": 3},
+    "mamba2": {
+        "model_type": "mamba2",
+        "hidden_size": 64,
+        "num_hidden_layers": 3,
+        "state_size": 16,
+        "num_heads": 4,
+        "head_dim": 32,
+        "n_groups": 2,
+        "chunk_size": 16,
+    },
+}
+
+
+def tiny_cuda_model(dtype=torch.float32, backbone: str = "mamba"):
     from vlmamba.training.tiny import SAMPLE_TEXT
 
     tokenizer = train_gpt_neox_tokenizer(SAMPLE_TEXT)
     vision = {**TINY_SIGLIP, "hidden_size": 64, "image_size": 32}
-    config = tiny_config(tokenizer, vision=vision, text={"hidden_size": 64, "num_hidden_layers": 3}, vss_state_size=16)
+    config = tiny_config(tokenizer, vision=vision, text=CUDA_TEXT[backbone], vss_state_size=16)
     return tiny_model(config).to("cuda", dtype), tiny_processor(tokenizer, config)
 
 
-def test_graph_decode_gives_the_eager_greedy_tokens_and_keeps_the_generate_contract():
+@pytest.mark.parametrize("backbone", sorted(CUDA_TEXT))
+def test_graph_decode_gives_the_eager_greedy_tokens_and_keeps_the_generate_contract(backbone):
     pytest.importorskip("mamba_ssm")
     from transformers import TextIteratorStreamer
 
     from tests.conftest import make_image
 
-    model, processor = tiny_cuda_model()
+    model, processor = tiny_cuda_model(backbone=backbone)
     prompts = ["<image>What colour is the square at the top left?", "<image>Count."]
     images = [make_image(), make_image(color=(9, 9, 9))]
     inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt").to("cuda")
@@ -152,11 +172,14 @@ def test_graph_decode_gives_the_eager_greedy_tokens_and_keeps_the_generate_contr
     assert text == processor.decode(streamed[0, single["input_ids"].shape[1] :])
 
 
-def test_graph_decode_in_bf16_gives_the_eager_tokens():
+# Not Mamba-2: its graph step's gated RMSNorm is mamba_ssm's kernel, which rounds to bf16 once where transformers'
+# module rounds twice, so bf16 logits differ by a rounding step (fp32 tokens are checked above).
+@pytest.mark.parametrize("backbone", ["mamba", "falcon_mamba"])
+def test_graph_decode_in_bf16_gives_the_eager_tokens(backbone):
     pytest.importorskip("mamba_ssm")
     from tests.conftest import make_image
 
-    model, processor = tiny_cuda_model(torch.bfloat16)
+    model, processor = tiny_cuda_model(torch.bfloat16, backbone)
     inputs = processor(images=[make_image()], text="<image>Describe it.", return_tensors="pt").to("cuda")
     eager = model.generate(**inputs, max_new_tokens=32, do_sample=False, cuda_graph_decode=False)
     graphed = model.generate(**inputs, max_new_tokens=32, do_sample=False)
@@ -292,6 +315,37 @@ def test_fused_add_rms_norm_computes_what_mamba_does(dtype, residual_dtype, bloc
         print(f"\nweights {dtype}, norm input {norm_input.dtype}, block_norm={block_norm}: differs in {unequal:.2%}")
         if norm_input.dtype == torch.bfloat16:
             assert unequal < 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_decode_steps_norm_kernels_compute_what_transformers_does(dtype):
+    """FalconMamba's dt/B/C norms (Falcon3-Mamba-7B widths) and Mamba-2's gated RMSNorm (mamba2-2.7b's, two groups
+    too) through the decode step's kernels, against transformers' modules."""
+    pytest.importorskip("mamba_ssm")
+    from transformers.models.falcon_mamba.modeling_falcon_mamba import FalconMambaWeightlessRMSNorm
+    from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated
+
+    from modeling_vlmamba.decode_kernels import dt_bc_rms_norm, gated_rms_norm
+
+    torch.manual_seed(0)
+    eps = torch.finfo(dtype).eps
+    x_dbl = 3 * torch.randn(16, 256 + 2 * 16, device="cuda", dtype=dtype)
+    expected = [
+        FalconMambaWeightlessRMSNorm(width, eps=1e-6)(part)
+        for width, part in zip((256, 16, 16), x_dbl.split([256, 16, 16], -1), strict=True)
+    ]
+    for actual, wanted in zip(dt_bc_rms_norm(x_dbl, 256, 16, 1e-6), expected, strict=True):
+        assert actual.dtype == wanted.dtype
+        torch.testing.assert_close(actual.float(), wanted.float(), rtol=4 * eps, atol=eps)
+    for groups in (1, 2):
+        norm = MambaRMSNormGated(5120, group_size=5120 // groups, eps=1e-5).to("cuda", dtype)
+        with torch.no_grad():
+            norm.weight.normal_(1, 0.2)
+        y, gate = torch.randn(2, 16, 5120, device="cuda", dtype=dtype).unbind(0)
+        # One bf16 rounding (the kernel's) against two (the module's: before and after the weight).
+        torch.testing.assert_close(
+            gated_rms_norm(y, gate, norm).float(), norm(y, gate).float(), rtol=8 * eps, atol=8 * eps
+        )
 
 
 def test_a_converted_cobra_decodes_through_the_graph_with_the_eager_tokens(tmp_path):
