@@ -91,7 +91,6 @@ def test_dtype_option_casts_and_still_verifies(raw_dir, tmp_path):
     ("overrides", "message"),
     [
         ({"rms_norm": False}, "rms_norm=false"),
-        ({"ssm_cfg": {"layer": "Mamba2", "d_state": 4}}, "ssm_cfg.layer='Mamba2'"),
         ({"ssm_cfg": {"d_state": 4, "headdim": 64, "ngroups": 1}}, "ssm_cfg keys ['headdim', 'ngroups']"),
         ({"d_intermediate": 64}, "d_intermediate=64"),
         ({"attn_layer_idx": [1]}, "attn_layer_idx=[1]"),
