@@ -103,8 +103,9 @@ def test_converted_mamba_ssm_gives_mamba_ssms_logits(tmp_path):
     assert difference < ATOL
 
 
-# Small language models of each backbone, at sizes mamba_ssm's Triton kernels take (Mamba-2: 16-wide states, 32-wide
-# heads in 2 groups, chunks of 16 tokens so that prompts span several).
+# Small language models of each backbone, at sizes the kernels take (Mamba-2: 16-wide states, 8 heads of 16 channels in
+# 2 groups, so that in_proj's width is a multiple of 8 as causal-conv1d needs, chunks of 16 tokens so that prompts span
+# several).
 CUDA_TEXT = {
     "mamba": {"hidden_size": 64, "num_hidden_layers": 3},
     "falcon_mamba": {"model_type": "falcon_mamba", "hidden_size": 64, "num_hidden_layers": 3},
@@ -113,8 +114,8 @@ CUDA_TEXT = {
         "hidden_size": 64,
         "num_hidden_layers": 3,
         "state_size": 16,
-        "num_heads": 4,
-        "head_dim": 32,
+        "num_heads": 8,
+        "head_dim": 16,
         "n_groups": 2,
         "chunk_size": 16,
     },
