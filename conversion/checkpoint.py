@@ -313,9 +313,11 @@ def verify_folder(
     inputs: dict[str, torch.Tensor],
     reference_logits: torch.Tensor | None,
     weights_dtype: torch.dtype = torch.float32,
+    vocab_size: int | None = None,
 ) -> PreTrainedModel | None:
     """The final check of a conversion, on the saved folder: it reloads to exactly the converted tensors, and
-    (given the source's logits for `inputs`) its fp32 logits match them. Raises `ConversionError` otherwise.
+    (given the source's logits for `inputs`) its fp32 logits match them, on the first `vocab_size` tokens' columns
+    if given (the source's vocabulary, where the converted one grew). Raises `ConversionError` otherwise.
 
     Returns the fp32 reloaded model when logits were compared, for further checks.
     """
@@ -325,7 +327,7 @@ def verify_folder(
         return None
     model = model_class.from_pretrained(folder, dtype=torch.float32).to(verification_device()).eval()
     with torch.no_grad():
-        logits = model(**{name: tensor.to(model.device) for name, tensor in inputs.items()}).logits
+        logits = model(**{name: tensor.to(model.device) for name, tensor in inputs.items()}).logits[..., :vocab_size]
     difference = compare_logits(logits, reference_logits, "the source model", weights_dtype)
     print(f"Verified: logits match the source model on a fixed random input (max |difference| {difference:.2e}).")
     return model

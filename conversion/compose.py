@@ -1,11 +1,13 @@
-"""Compose an untrained VL-Mamba from pretrained parts: a vision encoder, a Mamba LLM and a fresh connector.
+"""Compose an untrained VL-Mamba from pretrained parts: a vision encoder, a Mamba-family LLM and a fresh connector.
 
 The result is ready for stage-1 training (connector alignment). The vision encoder may be a SigLIP or CLIP vision
-model or a full SigLIP / CLIP model (its vision part is taken); the LLM a transformers Mamba folder or a raw
-mamba_ssm folder (converted on the way). The tokenizer gets the `<image>` token; the image processor comes from the
-vision folder.
+model or a full SigLIP / CLIP model (its vision part is taken); the LLM a transformers Mamba, FalconMamba or Mamba-2
+folder, or a raw mamba_ssm folder (converted on the way). The tokenizer gets the `<image>` token and a pad token
+(the LLM's vocabulary grows where they do not fit), the chat template comes from the LLM's tokenizer; the image
+processor comes from the vision folder.
 
     vlmamba compose --vision google/siglip-so400m-patch14-384 --llm state-spaces/mamba-2.8b-hf OUTPUT_DIR
+    vlmamba compose --vision google/siglip-so400m-patch14-384 --llm tiiuae/Falcon3-Mamba-7B-Instruct OUTPUT_DIR
 """
 
 import argparse
@@ -18,9 +20,8 @@ from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
+    AutoModelForCausalLM,
     AutoTokenizer,
-    MambaConfig,
-    MambaForCausalLM,
     PretrainedConfig,
     PreTrainedTokenizerBase,
     SiglipImageProcessorPil,
@@ -28,7 +29,12 @@ from transformers import (
 from transformers.image_processing_utils import BaseImageProcessor
 
 from modeling_vlmamba import VLMambaConfig, VLMambaForConditionalGeneration, VLMambaProcessor, VLMambaVisionConfig
-from modeling_vlmamba.configuration_vlmamba import PROJECTOR_TYPES, SCAN_TYPES
+from modeling_vlmamba.configuration_vlmamba import (
+    LANGUAGE_MODEL_TYPES,
+    PROJECTOR_TYPES,
+    SCAN_TYPES,
+    check_language_model_config,
+)
 from modeling_vlmamba.processing_vlmamba import IMAGE_ASPECT_RATIOS, IMAGE_TOKEN, PAD_TOKEN, output_size
 from vlmamba.cli import positive_int, run_tool
 from vlmamba.conversion.checkpoint import (
@@ -72,14 +78,21 @@ VISION_MODEL_TYPES = {
     "dinov2": "dinov2",
     "dinov2_with_registers": "dinov2",
 }
-# transformers' Mamba (MambaForCausalLM) names -> VL-Mamba names. Old checkpoints say `embedding`, not `embeddings`.
+EMBEDDINGS = "model.language_model.embeddings.weight"
+# transformers' Mamba, FalconMamba and Mamba-2 (`*ForCausalLM`) names -> VL-Mamba names. Old checkpoints say
+# `embedding`, not `embeddings`.
 LANGUAGE_MODEL_KEYS = KeyMap(
     rules=[
-        (r"backbone\.embeddings?\.weight", "model.language_model.embeddings.weight"),
+        (r"backbone\.embeddings?\.weight", EMBEDDINGS),
         (r"backbone\.(.+)", r"model.language_model.\1"),
         (r"lm_head\.weight", "lm_head.weight"),
     ]
 )
+# FalconMamba's weightless B/C/dt RMSNorms: constant ones that transformers keeps out of its checkpoints
+# (non-persistent) and recomputes; a checkpoint holding them is a FalconMamba's.
+FALCON_MAMBA_NORMS = r"backbone\.layers\.\d+\.mixer\.(b|c|dt)_layernorm\.weight"
+# Added where a tokenizer has no pad token but its EOS, nor GPT-NeoX's `<|padding|>`.
+ADDED_PAD_TOKEN = "<|pad|>"
 
 
 def vision_source(folder: Path) -> tuple[PretrainedConfig, list[str]]:
@@ -120,52 +133,94 @@ def vision_weights(folder: Path, config: PretrainedConfig, dropped: list[str], p
     return {f"{prefix}.{key}": tensor for key, tensor in model.state_dict().items()}
 
 
-def language_model_source(folder: Path) -> tuple[MambaConfig, dict[str, torch.Tensor]]:
-    """Config and transformers-named weights of a Mamba LLM folder (raw mamba_ssm folders are converted)."""
+def language_model_source(folder: Path) -> tuple[PretrainedConfig, dict[str, torch.Tensor]]:
+    """Config and transformers-named weights of a Mamba, FalconMamba or Mamba-2 LLM folder (raw mamba_ssm folders are
+    converted). The folder's `model_type` decides the config class, so a FalconMamba is never read as a Mamba: a
+    config with another type's fields, or Mamba weights with FalconMamba's B/C/dt norms, are refused."""
     if is_raw_mamba_ssm(folder):
         return convert_raw_weights(folder)
     config = AutoConfig.from_pretrained(folder)
-    if config.model_type != "mamba":
-        raise ConversionError(f"{folder} holds a '{config.model_type}' model; the LLM must be a Mamba (mamba) model.")
-    return config, read_checkpoint(folder)
+    if config.model_type not in LANGUAGE_MODEL_TYPES:
+        raise ConversionError(
+            f"{folder} holds a '{config.model_type}' model; the LLM must be a transformers "
+            f"{', '.join(LANGUAGE_MODEL_TYPES)} model, or a raw mamba_ssm one."
+        )
+    try:
+        check_language_model_config(config)
+    except ValueError as error:
+        raise ConversionError(f"{folder / 'config.json'}: {error}") from None
+    weights = read_checkpoint(folder)
+    norms = sorted(key for key in weights if re.fullmatch(FALCON_MAMBA_NORMS, key))
+    if norms and config.model_type != "falcon_mamba":
+        raise ConversionError(
+            f"{folder} says model_type='{config.model_type}' but its weights hold FalconMamba's B/C/dt norms "
+            f"({norms[0]}, ...): it is a FalconMamba checkpoint, which would load as a '{config.model_type}' without "
+            "an error and compute the wrong thing. Set model_type to 'falcon_mamba' in its config.json."
+        )
+    return config, {key: tensor for key, tensor in weights.items() if key not in norms}
 
 
-def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> PreTrainedTokenizerBase:
-    """Add `<image>` as one special token, pad with `<|padding|>` on the left, and check the ids fit the model."""
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Add `<image>` as one special token and pad on the left with a token other than EOS: the tokenizer's own pad
+    token, else GPT-NeoX's `<|padding|>` where the vocabulary has it, else an added `<|pad|>`. Labels are masked
+    where the input is padding: padding with EOS would hide the end of every answer from the loss."""
     if len(tokenizer.encode(IMAGE_TOKEN, add_special_tokens=False)) != 1:
         tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
     if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
         if PAD_TOKEN in tokenizer.get_vocab():
             tokenizer.pad_token = PAD_TOKEN
+        else:
+            tokenizer.add_special_tokens({"pad_token": ADDED_PAD_TOKEN})
     tokenizer.padding_side = "left"
-    if len(tokenizer) > vocab_size:
-        raise ConversionError(
-            f"The tokenizer has {len(tokenizer)} tokens with {IMAGE_TOKEN} but the LLM's vocabulary holds "
-            f"{vocab_size}; use a tokenizer that fits (GPT-NeoX: 50277 + <image> fits Mamba's 50280)."
-        )
+    tokenizer.init_kwargs["padding_side"] = "left"  # saved only from there: a Hub tokenizer may not say it
     return tokenizer
+
+
+def grow_embeddings(weights: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:
+    """An LLM's transformers-named `weights` with the input embeddings and the LM head (where the checkpoint has
+    one) grown to `vocab_size` rows, each new row the mean of the tensor's existing rows: a new token starts as an
+    average token, whose logits stay on the scale of the others."""
+    grown = dict(weights)
+    for key, tensor in weights.items():
+        if LANGUAGE_MODEL_KEYS.rename(key) in (EMBEDDINGS, "lm_head.weight"):
+            mean = tensor.float().mean(dim=0, keepdim=True).to(tensor.dtype)
+            grown[key] = torch.cat([tensor, mean.expand(vocab_size - len(tensor), -1)])
+    return grown
 
 
 def assemble(
     encoders: dict[str, tuple[PretrainedConfig, BaseImageProcessor]],
-    text_config: MambaConfig,
+    text_config: PretrainedConfig,
     tokenizer_dir: Path,
     image_aspect_ratio: str = "pad",
     chat_template: str | None = None,
+    grow_vocabulary: bool = False,
     **options,
 ) -> tuple[VLMambaConfig, VLMambaProcessor]:
     """The VL-Mamba config and processor for vision encoders (name -> their config and PIL image processor; several
-    make a fused tower) and an LLM: the tokenizer gets `<image>`. A fused tower's processor resizes once (as its
-    first encoder's processor would) and normalises for each encoder. `options` are further `VLMambaConfig` fields."""
+    make a fused tower) and an LLM (`text_config`, left as it is): the tokenizer gets `<image>` and a pad token
+    (`prepare_tokenizer`), whose ids, and its EOS's, the text config takes. A tokenizer larger than the LLM's
+    vocabulary is an error, unless `grow_vocabulary`: the text config then has the tokenizer's size as its
+    `vocab_size` and the LLM's as its `source_vocab_size` (the caller grows the weights: `grow_embeddings`). A fused
+    tower's processor resizes once (as its first encoder's processor would) and normalises for each encoder.
+    `options` are further `VLMambaConfig` fields."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     except (OSError, ValueError) as error:
         raise ConversionError(
             f"No tokenizer in {tokenizer_dir}: pass --tokenizer (the Mamba LLMs use EleutherAI/gpt-neox-20b)."
         ) from error
-    tokenizer = prepare_tokenizer(tokenizer, text_config.vocab_size)
-    if tokenizer.pad_token_id is not None:
-        text_config.pad_token_id = tokenizer.pad_token_id
+    tokenizer = prepare_tokenizer(tokenizer)
+    token_ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    text = text_config.to_dict() | {name: index for name, index in token_ids.items() if index is not None}
+    if len(tokenizer) > text_config.vocab_size:
+        if not grow_vocabulary:
+            raise ConversionError(
+                f"The tokenizer has {len(tokenizer)} tokens with {IMAGE_TOKEN} and its pad token but the LLM's "
+                f"vocabulary holds {text_config.vocab_size}; use a tokenizer that fits (GPT-NeoX: 50277 + <image> "
+                "fits Mamba's 50280)."
+            )
+        text |= {"vocab_size": len(tokenizer), "source_vocab_size": text_config.vocab_size}
     (first_config, first_processor), *others = encoders.values()
     if others:
         vision_config = VLMambaVisionConfig(encoders={name: config for name, (config, _) in encoders.items()})
@@ -183,7 +238,7 @@ def assemble(
             options.setdefault("vision_feature_select_strategy", "default")
     config = VLMambaConfig(
         vision_config=vision_config,
-        text_config=text_config.to_dict(),
+        text_config=text,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         **options,
     )
@@ -271,10 +326,21 @@ def compose(
         text_config,
         resolve_folder(tokenizer, "Tokenizer") if tokenizer is not None else llm_dir,
         image_aspect_ratio,
+        grow_vocabulary=True,
         projector_type=projector_type,
         scan_type=scan_type,
         vision_feature_layer=vision_feature_layer,
     )
+    vocab_size, source_vocab_size = config.text_config.vocab_size, text_config.vocab_size
+    placed_llm_weights = llm_weights
+    if vocab_size > source_vocab_size:
+        placed_llm_weights = grow_embeddings(llm_weights, vocab_size)
+        print(
+            f"The tokenizer's {vocab_size} tokens (with {IMAGE_TOKEN} and its pad token) do not fit the LLM's "
+            f"{source_vocab_size}: its vocabulary grows to {vocab_size} rows (text_config.vocab_size; "
+            f"text_config.source_vocab_size={source_vocab_size}), each new row of the input embeddings"
+            f"{'' if config.tie_word_embeddings else ' and of lm_head'} the mean of the existing ones."
+        )
     expected = expected_tensors(VLMambaForConditionalGeneration, config)
     tied = tied_keys(VLMambaForConditionalGeneration, config)
     # One dtype for the whole model (by default the sources' own), the fresh connector included.
@@ -286,7 +352,7 @@ def compose(
     state_dict = {}
     for name, part_prefixes, source, key_map in [
         *parts,
-        ("language model", LANGUAGE_MODEL, llm_weights, LANGUAGE_MODEL_KEYS),
+        ("language model", LANGUAGE_MODEL, placed_llm_weights, LANGUAGE_MODEL_KEYS),
     ]:
         part = {key: tensor for key, tensor in expected.items() if key.startswith(part_prefixes)}
         state_dict |= convert_state_dict(
@@ -295,7 +361,7 @@ def compose(
     model = build_model(VLMambaForConditionalGeneration, config, state_dict, initialize=[CONNECTOR], seed=seed)
     model.to(dtype)
 
-    input_ids = random_token_ids(config.text_config.vocab_size)
+    input_ids = random_token_ids(source_vocab_size)  # ids the source LLM has
     input_ids = input_ids.masked_fill(input_ids == config.image_token_id, 0)  # text only: no image placeholders
     generator = torch.Generator().manual_seed(0)
     size = config.vision_config.image_size
@@ -303,10 +369,12 @@ def compose(
     device = verification_device()
     towers = [model.model.vision_tower] if names == [None] else list(model.model.vision_tower.encoders.values())
     with torch.no_grad():
+        # The source's own class (Mamba, FalconMamba, Mamba-2), from the config its weights were checked against.
+        source_class = AutoModelForCausalLM._model_mapping[type(text_config)]
         if is_raw_mamba_ssm(llm_dir):
-            source_llm = build_model(MambaForCausalLM, text_config, dict(llm_weights))
+            source_llm = build_model(source_class, text_config, dict(llm_weights))
         else:
-            source_llm = MambaForCausalLM.from_pretrained(llm_dir, dtype=torch.float32)
+            source_llm = source_class.from_pretrained(llm_dir, config=text_config, dtype=torch.float32)
         llm_logits = source_llm.to(device)(input_ids.to(device)).logits.cpu()
         vision_states = []
         for tower, folder, pixels, interpolate in zip(towers, vision_dirs, pixel_values, resized, strict=True):
@@ -324,6 +392,7 @@ def compose(
             {"input_ids": input_ids},
             llm_logits,
             dtype,
+            vocab_size=source_vocab_size,
         )
         tower = composed.model.vision_tower
         composed_towers = [tower] if names == [None] else list(tower.encoders.values())
@@ -362,7 +431,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         nargs="+",
         help="SigLIP, CLIP or DINOv2 folder(s) or Hub id(s) (vision or full model); several make a fused tower",
     )
-    parser.add_argument("--llm", required=True, help="Mamba folder or Hub id (transformers or raw mamba_ssm)")
+    parser.add_argument(
+        "--llm",
+        required=True,
+        help="Mamba, FalconMamba or Mamba-2 folder or Hub id (transformers, or raw mamba_ssm)",
+    )
     add_output_arguments(parser)
     parser.add_argument("--tokenizer", help="tokenizer folder or Hub id (default: the LLM's)")
     parser.add_argument("--projector-type", default="vss_l2", choices=PROJECTOR_TYPES)

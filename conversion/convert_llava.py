@@ -119,7 +119,13 @@ def convert_llava(
     vision_config, dropped = vision_source(vision_dir)
     tokenizer_dir = resolve_folder(tokenizer, "Tokenizer") if tokenizer else checkpoint_dir
     image_processor = AutoImageProcessor.from_pretrained(vision_dir, backend="pil")
-    text_config = mamba_config_from_raw(raw)
+    try:
+        text_config = mamba_config_from_raw(raw)
+    except ConversionError as error:
+        raise ConversionError(
+            f"{checkpoint_dir / 'config.json'}: the language model is not a Mamba-1 model, the only kind of "
+            f"LLaVA-style checkpoint this converter reads. {error}"
+        ) from None
     config, processor = assemble({None: (vision_config, image_processor)}, text_config, tokenizer_dir, **options)
     if raw.get("mm_hidden_size", config.vision_feature_size) != config.vision_feature_size:
         raise ConversionError(

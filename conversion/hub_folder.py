@@ -5,6 +5,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, ProcessorMixin
 
+from modeling_vlmamba import VLMambaProcessor
 from vlmamba.conversion.files import staged
 
 MAX_SHARD_SIZE = "5GB"
@@ -26,7 +27,9 @@ def save_folder(
     max_shard_size: str = MAX_SHARD_SIZE,
     finalize: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Save `model` (sharded safetensors, remote code, generation config) and `processor` into `output_dir`.
+    """Save `model` (sharded safetensors, remote code, generation config) and `processor` into `output_dir`. With a
+    VL-Mamba processor, the generation config stops where its chat template ends a turn (`stop_token_ids`) and pads
+    with its tokenizer's pad token.
 
     Nothing is half-written: everything goes to a temporary folder next to `output_dir`; `finalize(folder)` may
     verify it (and raise) and add files such as the model card; only then it takes the place of `output_dir`.
@@ -34,6 +37,10 @@ def save_folder(
     it is replaced only once the new folder is complete, and restored if that replacement fails.
     """
     output_dir = check_output_dir(output_dir, force)
+    if isinstance(processor, VLMambaProcessor):
+        stops = processor.stop_token_ids()
+        model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
+        model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     with staged(output_dir) as staging:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         if processor is not None:

@@ -1,5 +1,6 @@
-"""Processor of VL-Mamba: an image processor plus a GPT-NeoX tokenizer with one `<image>` special token."""
+"""Processor of VL-Mamba: an image processor plus the language model's tokenizer with one `<image>` special token."""
 
+import re
 from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
@@ -7,28 +8,37 @@ from urllib.request import url2pathname
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
-from transformers import ProcessorMixin
+from transformers import PreTrainedTokenizerBase, ProcessorMixin
 from transformers.image_transforms import to_pil_image
 from transformers.image_utils import load_image
 
 IMAGE_TOKEN = "<image>"
-EOS_TOKEN = "<|endoftext|>"  # GPT-NeoX id 0: ends every chat turn
+EOS_TOKEN = "<|endoftext|>"  # GPT-NeoX id 0: its EOS, which ends every turn of the default chat template
 PAD_TOKEN = "<|padding|>"  # GPT-NeoX id 1
 IMAGE_ASPECT_RATIOS = ("pad", "resize")
 # Modes PIL converts to RGB without losing meaning; with an alpha channel the image is composited on white.
 RGB_CONVERTIBLE_MODES = ("1", "L", "P", "RGB", "CMYK", "YCbCr", "LAB", "HSV")
 ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+# How `generation` blocks are written in a chat template (transformers' marker for assistant tokens).
+GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
-def zephyr_chat_template(images_first: bool = False) -> str:
-    """The Zephyr chat format of mamba-2.8b-zephyr and Cobra: `<|user|>\\n{text}<|endoftext|>\\n<|assistant|>\\n...`.
+def jinja_string(text: str) -> str:
+    """`text` as a Jinja string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
-    The `generation` block marks assistant tokens (end-of-text included) for assistant-only loss. By default each
+
+def zephyr_chat_template(end_of_turn: str = EOS_TOKEN, images_first: bool = False) -> str:
+    """The Zephyr chat format of mamba-2.8b-zephyr and Cobra: `<|user|>\\n{text}{end_of_turn}\\n<|assistant|>\\n...`,
+    each turn ended by `end_of_turn` (the tokenizer's EOS: GPT-NeoX's `<|endoftext|>` by default).
+
+    The `generation` block marks assistant tokens (end of turn included) for assistant-only loss. By default each
     image's `<image>` goes where its block is in the conversation; `images_first=True` puts every image before the
     whole conversation and strips each message's text, as Cobra's prompt builder does.
     """
     text = "{{- block['text'] | trim -}}" if images_first else "{{- block['text'] -}}"
     image = "" if images_first else "{{- '<image>' -}}"
+    end = jinja_string(end_of_turn)
     leading_images = (
         "{%- for message in messages -%}{%- if message['content'] is not string -%}"
         "{%- for block in message['content'] -%}{%- if block['type'] == 'image' -%}{{- '<image>' -}}{%- endif -%}"
@@ -48,8 +58,8 @@ def zephyr_chat_template(images_first: bool = False) -> str:
         "{%- endif -%}"
         "{{- '<|' + message['role'] + '|>\\n' -}}"
         "{%- if message['role'] == 'assistant' -%}"
-        "{%- generation -%}{{- render(message['content']) + '<|endoftext|>' -}}{%- endgeneration -%}"
-        "{%- else -%}{{- render(message['content']) + '<|endoftext|>' -}}{%- endif -%}"
+        "{%- generation -%}{{- render(message['content']) + " + end + " -}}{%- endgeneration -%}"
+        "{%- else -%}{{- render(message['content']) + " + end + " -}}{%- endif -%}"
         "{{- '\\n' -}}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"
@@ -59,6 +69,78 @@ def zephyr_chat_template(images_first: bool = False) -> str:
 DEFAULT_CHAT_TEMPLATE = zephyr_chat_template()
 # Cobra's format: the images before all text, no placeholder in the conversation.
 IMAGES_FIRST_CHAT_TEMPLATE = zephyr_chat_template(images_first=True)
+
+
+def derived_chat_template(template: str, image_token: str = IMAGE_TOKEN) -> str:
+    """A language model's own chat template made multimodal: each message whose content is a list of blocks is
+    rendered as the string of its blocks, `image_token` where each image block is (string contents as they are).
+
+    Where `template` has no `generation` blocks, the result marks the assistant turns itself, for assistant-only
+    loss: the template's rendering of the conversation up to each assistant turn (with the generation prompt) and
+    through it tells where the turn's tokens are. A turn the template does not render as a prefix of the whole
+    conversation, or one that opens it (templates need a message to render), is left unmarked.
+    """
+    image = jinja_string(image_token)
+    flatten = (
+        "{%- set flattened = namespace(messages=[]) -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['content'] is not defined or message['content'] is string -%}"
+        "{%- set flattened.messages = flattened.messages + [message] -%}"
+        "{%- else -%}"
+        "{%- set text = namespace(value='') -%}"
+        "{%- for block in message['content'] -%}"
+        "{%- if block['type'] == 'image' -%}{%- set text.value = text.value + " + image + " -%}"
+        "{%- elif block['type'] == 'text' -%}{%- set text.value = text.value + block['text'] -%}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- set flattened.messages = flattened.messages + [dict(message, content=text.value)] -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+    )
+    # Jinja's whitespace control: the newline after a block tag is dropped (trim_blocks), so one is added before the
+    # template, and the template's own trailing newline, which Jinja drops at the end of a template, is removed.
+    if GENERATION_BLOCK.search(template):
+        return flatten + "{%- set messages = flattened.messages %}\n" + template
+    return (
+        flatten
+        + "{%- macro language_model_chat(messages, add_generation_prompt) %}\n"
+        + template.removesuffix("\n")
+        + "{% endmacro -%}"
+        "{%- set chat = language_model_chat(flattened.messages, add_generation_prompt) -%}"
+        "{%- set marked = namespace(end=0) -%}"
+        "{%- for message in flattened.messages -%}"
+        "{%- if message['role'] == 'assistant' and not loop.first -%}"
+        "{%- set prompt = language_model_chat(flattened.messages[:loop.index0], true) -%}"
+        "{%- set answered = language_model_chat(flattened.messages[:loop.index], false) -%}"
+        "{%- if chat.startswith(answered) and answered.startswith(prompt) and prompt | length >= marked.end -%}"
+        "{{- chat[marked.end:prompt | length] -}}"
+        "{%- generation -%}{{- chat[prompt | length:answered | length] -}}{%- endgeneration -%}"
+        "{%- set marked.end = answered | length -%}"
+        "{%- endif -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{{- chat[marked.end:] -}}"
+    )
+
+
+def chat_template_for(tokenizer: PreTrainedTokenizerBase, image_token: str = IMAGE_TOKEN) -> str | dict[str, str]:
+    """The chat template of a processor around `tokenizer`: the tokenizer's own chat template made multimodal
+    (`derived_chat_template`; one that already places `image_token` is kept as it is), or, for a tokenizer without
+    one (GPT-NeoX's), the Zephyr format with the tokenizer's EOS ending each turn."""
+    template = tokenizer.chat_template
+    if template is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(
+                "The tokenizer has neither a chat template nor an EOS token to end chat turns with: pass the "
+                "processor a chat_template."
+            )
+        return zephyr_chat_template(str(tokenizer.eos_token))
+
+    def multimodal(text: str) -> str:
+        return text if image_token in text else derived_chat_template(text, image_token)
+
+    if isinstance(template, dict):  # named templates
+        return {name: multimodal(text) for name, text in template.items()}
+    return multimodal(template)
 
 
 def _flatten(images) -> list:
@@ -164,7 +246,8 @@ class VLMambaProcessor(ProcessorMixin):
 
     Args:
         image_processor: the vision encoder's image processor (e.g. `SiglipImageProcessorPil`).
-        tokenizer: a GPT-NeoX tokenizer in which `image_token` is a single (special) token.
+        tokenizer: the language model's tokenizer (GPT-NeoX for Mamba and Mamba-2, Falcon's for FalconMamba), in
+            which `image_token` is a single (special) token.
         image_seq_length (`int`, *optional*): tokens per image after the connector, the model config's
             `image_seq_length`. Derived when not given: one token per patch of the image processor's output size in
             `patch_size` patches (729 for SigLIP at 384 px, 576 for CLIP at 336 px).
@@ -172,8 +255,10 @@ class VLMambaProcessor(ProcessorMixin):
         image_aspect_ratio (`str`, defaults to `"pad"`): `"pad"` pads each image to a square with the image
             processor's mean colour before resizing (LLaVA-1.5); `"resize"` hands it to the image processor as it is.
         image_token (`str`, defaults to `"<image>"`): the placeholder token.
-        chat_template (`str`, *optional*): defaults to the Zephyr-style `DEFAULT_CHAT_TEMPLATE`;
-            `IMAGES_FIRST_CHAT_TEMPLATE` puts the images before the whole conversation (Cobra).
+        chat_template (`str`, *optional*): defaults to `chat_template_for(tokenizer)`: the tokenizer's own chat
+            template made multimodal, or for a tokenizer without one the Zephyr-style `DEFAULT_CHAT_TEMPLATE` (with
+            the tokenizer's EOS ending each turn). `IMAGES_FIRST_CHAT_TEMPLATE` puts the images before the whole
+            conversation (Cobra).
         image_normalizations (`list[dict]`, *optional*): for a fused vision tower, each encoder's `{"mean": [...],
             "std": [...]}`, in the tower's order. The image processor then resizes and rescales each image once, and
             `pixel_values` stack its normalisation for every encoder on the channel axis: `(num_images,
@@ -231,7 +316,24 @@ class VLMambaProcessor(ProcessorMixin):
         self.image_aspect_ratio = image_aspect_ratio
         self.image_token = image_token
         self.image_token_id = token_ids[0]
-        super().__init__(image_processor, tokenizer, chat_template=chat_template or DEFAULT_CHAT_TEMPLATE)
+        chat_template = chat_template or chat_template_for(tokenizer, image_token)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    def stop_token_ids(self) -> list[int]:
+        """The ids generation stops on: the tokenizer's EOS, and the special token that ends an assistant turn in
+        the chat template where that is another one (ChatML's `<|im_end|>`)."""
+        answer = "Yes."
+        conversation = [{"role": "user", "content": "Is it red?"}, {"role": "assistant", "content": answer}]
+        rendered = self.apply_chat_template(conversation)
+        end = rendered.rfind(answer)
+        after = rendered[end + len(answer) :] if end >= 0 else ""
+        special = set(self.tokenizer.all_special_ids) | {
+            index for index, token in self.tokenizer.added_tokens_decoder.items() if token.special
+        }
+        ids = self.tokenizer.encode(after, add_special_tokens=False)
+        end_of_turn = next((index for index in ids if index in special), None)
+        stops = [index for index in (self.tokenizer.eos_token_id, end_of_turn) if index is not None]
+        return list(dict.fromkeys(stops))
 
     def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
         if isinstance(text, list | tuple) and not text:
@@ -316,4 +418,7 @@ __all__ = [
     "IMAGE_TOKEN",
     "EOS_TOKEN",
     "PAD_TOKEN",
+    "chat_template_for",
+    "derived_chat_template",
+    "zephyr_chat_template",
 ]

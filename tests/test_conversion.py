@@ -278,16 +278,12 @@ def test_compose_full_clip_and_raw_mamba_ssm(parts, tokenizer):
     assert AutoProcessor.from_pretrained(out).image_processor.crop_size == {"height": 16, "width": 16}
 
 
-def test_compose_rejects_other_encoders_and_oversized_tokenizers(parts, tokenizer):
+def test_compose_rejects_other_encoders(parts, tokenizer):
+    """(A tokenizer larger than the LLM's vocabulary makes compose grow it: tests/test_backbone_tokenizers.py.)"""
     with pytest.raises(
         ConversionError, match="holds a 'mamba' model; the vision encoder must be SigLIP, CLIP or DINOv2"
     ):
         compose(parts / "mamba", parts / "mamba", parts / "vlm")
-    MambaForCausalLM(MambaConfig(hidden_size=32, num_hidden_layers=1, state_size=8, vocab_size=64)).save_pretrained(
-        parts / "small"
-    )
-    with pytest.raises(ConversionError, match=r"has \d+ tokens with <image> but the LLM's vocabulary holds 64"):
-        compose(parts / "siglip", parts / "small", parts / "vlm", tokenizer=parts / "mamba")
     assert not (parts / "vlm").exists() and leftovers(parts) == []
 
 
@@ -355,6 +351,23 @@ def test_llava_options_vl_mamba_cannot_express_are_rejected(llava, plain_tokeniz
     write_llava_mamba_checkpoint(root / "llava", vision, plain_tokenizer, **mm)
     with pytest.raises(ConversionError, match=message):
         convert_llava(root / "llava", root / "out", vision=root / "clip-tower")
+    assert not (root / "out").exists()
+
+
+def test_llava_checkpoints_of_other_language_models_or_oversized_tokenizers_are_refused(llava, plain_tokenizer):
+    """The LLaVA converter reads Mamba-1 LLMs and keeps their vocabulary: a Mamba-2 LLM, or a tokenizer that needs
+    more rows than the checkpoint's embeddings have, is an error naming the config."""
+    root, vision = llava
+    write_llava_mamba_checkpoint(root / "mamba2", vision, plain_tokenizer, ssm_cfg={"layer": "Mamba2", "d_state": 4})
+    with pytest.raises(
+        ConversionError, match=r"(?s)mamba2/config.json: the language model is not a Mamba-1 model, .*layer='Mamba2'"
+    ):
+        convert_llava(root / "mamba2", root / "out", vision=root / "clip-tower")
+    write_llava_mamba_checkpoint(root / "small", vision, plain_tokenizer, vocab_size=8)
+    with pytest.raises(
+        ConversionError, match=r"has \d+ tokens with <image> and its pad token but the LLM's vocabulary"
+    ):
+        convert_llava(root / "small", root / "out", vision=root / "clip-tower")
     assert not (root / "out").exists()
 
 

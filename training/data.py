@@ -4,10 +4,11 @@ LLaVA JSON: `[{"id", "image"?: path or list of paths, "conversations": [{"from":
 image paths relative to an image folder. Records become rows that hold image *paths*; the collator decodes a
 batch's images when the batch is drawn, so a 665K-image dataset never sits in memory.
 
-- Stage 1 (LLaVA "plain"): `prompt` = the record's `<image>` placeholders, `completion` = the caption + end of text;
-  the loss covers the completion only.
+- Stage 1 (LLaVA "plain"): `prompt` = the record's `<image>` placeholders, `completion` = the caption, to which the
+  collator appends the tokenizer's EOS; the loss covers the completion only.
 - Stage 2 (chat): `messages` in TRL's structured format, images in place of each `<image>`; the loss covers the
-  assistant turns only (the chat template's `{% generation %}` blocks).
+  assistant turns only (the chat template's `{% generation %}` blocks, which a template derived from the language
+  model's own marks itself: `derived_chat_template`).
 """
 
 import json
@@ -101,7 +102,6 @@ def llava_row(
     index: int,
     image_folder: Path,
     stage: int,
-    eos_token: str,
     verify_images: bool = False,
     allow_images_outside_folder: bool = False,
 ) -> dict:
@@ -120,7 +120,7 @@ def llava_row(
             "id": record_id,
             "images": images,
             "prompt": IMAGE_PLACEHOLDER * len(paths),
-            "completion": turns[1][1] + eos_token,
+            "completion": turns[1][1],
         }
     messages = [{"role": role, "content": content_blocks(text)} for role, text in turns]
     return {"id": record_id, "images": images, "messages": messages}
@@ -130,7 +130,6 @@ def read_llava_json(
     json_path: str | Path,
     image_folder: str | Path | None = None,
     stage: int = 2,
-    eos_token: str = "<|endoftext|>",
     skip_bad_samples: bool = False,
     allow_images_outside_folder: bool = False,
 ) -> datasets.Dataset:
@@ -154,9 +153,7 @@ def read_llava_json(
     rows, skipped = [], 0
     for index, record in enumerate(tqdm(records, desc=f"Reading {json_path.name}", unit="record")):
         try:
-            rows.append(
-                llava_row(record, index, image_folder, stage, eos_token, skip_bad_samples, allow_images_outside_folder)
-            )
+            rows.append(llava_row(record, index, image_folder, stage, skip_bad_samples, allow_images_outside_folder))
         except DataError as error:
             if not skip_bad_samples:
                 raise
@@ -169,17 +166,37 @@ def read_llava_json(
     return datasets.Dataset.from_list(rows)
 
 
+def check_assistant_marks(processor: ProcessorMixin) -> None:
+    """Raise `DataError` unless the processor's chat template marks an assistant turn's tokens: without them the
+    assistant-only loss of stage 2 would train on nothing."""
+    conversation = [{"role": "user", "content": "Is it red?"}, {"role": "assistant", "content": "Yes."}]
+    marks = processor.apply_chat_template(
+        conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )["assistant_masks"]
+    if not any(marks[0]):
+        raise DataError(
+            "The processor's chat template marks no assistant tokens, so stage 2 (assistant-only loss) would learn "
+            "nothing: wrap each assistant turn's output in {% generation %} ... {% endgeneration %}, or rebuild the "
+            "processor from the language model's tokenizer (its template is then derived with the marks: "
+            "derived_chat_template)."
+        )
+
+
 class VisionCollator:
     """Builds training batches: decodes each batch's images, then lets TRL's vision collator tokenize and label it.
 
-    Labels are -100 on prompts (stage 1) or non-assistant turns (stage 2), on padding, and always on image tokens
-    (TRL's fused loss reads these labels without going through the model's own image-position masking).
+    Stage-1 completions end with the tokenizer's EOS. Labels are -100 on prompts (stage 1) or non-assistant turns
+    (stage 2), on padding, and always on image tokens (TRL's fused loss reads these labels without going through the
+    model's own image-position masking). Stage 2 needs a chat template that marks assistant tokens
+    (`check_assistant_marks`).
     A sample whose image cannot be decoded raises `DataError` naming the record and file; with `skip_bad_samples`
     it is dropped with a warning and counted in `skipped` (per process: dataloader workers count their own). A
     `max_length` that would cut through a sample's image tokens raises `DataError` naming the records.
     """
 
     def __init__(self, processor: ProcessorMixin, stage: int, max_length: int | None = None, skip_bad_samples=False):
+        if stage == 2:
+            check_assistant_marks(processor)
         self.collator = DataCollatorForVisionLanguageModeling(
             processor,
             max_length=max_length,
@@ -187,6 +204,7 @@ class VisionCollator:
             assistant_only_loss=stage == 2,
         )
         self.processor = processor
+        self.stage = stage
         self.image_token_id = processor.image_token_id
         self.image_seq_length = processor.image_seq_length
         self.max_length = max_length
@@ -205,7 +223,10 @@ class VisionCollator:
                 self.skipped += 1
                 logger.warning(f"Skipping a bad sample: {message}")
                 return None
-        return {**example, "images": images}
+        decoded = {**example, "images": images}
+        if self.stage == 1:  # the caption ends as the tokenizer ends a text
+            decoded["completion"] += self.processor.tokenizer.eos_token
+        return decoded
 
     def __call__(self, examples: list[dict]) -> dict:
         batch = [decoded for decoded in map(self._decode, examples) if decoded is not None]

@@ -169,9 +169,8 @@ def build_trainer(args: argparse.Namespace) -> SFTTrainer:
     lora = lora_config(args)
     set_trainable(model, args.stage, args.train_vision, lora=lora is not None)
     if args.data:
-        eos = processor.tokenizer.eos_token
         dataset = read_llava_json(
-            args.data, args.image_folder, args.stage, eos, args.skip_bad_samples, args.allow_images_outside_folder
+            args.data, args.image_folder, args.stage, args.skip_bad_samples, args.allow_images_outside_folder
         )
     else:
         dataset = load_hf_dataset(args.dataset)
