@@ -44,6 +44,21 @@ def parameter_counts(config) -> dict[str, int]:
     return counts
 
 
+LANGUAGE_MODEL_NAMES = {"mamba": "Mamba", "falcon_mamba": "FalconMamba", "mamba2": "Mamba-2"}
+
+
+def describe_language_model(text) -> str:
+    """One line on the language model: its family, depth, width, state (and heads for Mamba-2), vocabulary (and, where
+    `<image>` or a pad token grew it, the LLM's own size)."""
+    heads = f", {text.num_heads} heads of {text.head_dim}" if text.model_type == "mamba2" else ""
+    grown = getattr(text, "source_vocab_size", None)
+    vocabulary = f"vocabulary {text.vocab_size}" + (f" (the LLM's {grown} + added tokens)" if grown else "")
+    return (
+        f"{LANGUAGE_MODEL_NAMES[text.model_type]}, {text.num_hidden_layers} layers, width {text.hidden_size}"
+        f"{heads}, d_state {text.state_size}, {vocabulary}"
+    )
+
+
 def describe(config) -> dict[str, str]:
     text = config.text_config
     connector = f"`{config.projector_type}`"
@@ -62,10 +77,7 @@ def describe(config) -> dict[str, str]:
     return {
         "vision": f"{' + '.join(encoders)}{fused}, `{config.vision_feature_select_strategy}` token selection",
         "connector": connector,
-        "language_model": (
-            f"Mamba, {text.num_hidden_layers} layers, width {text.hidden_size}, d_state {text.state_size}, "
-            f"vocabulary {text.vocab_size}"
-        ),
+        "language_model": describe_language_model(text),
     }
 
 

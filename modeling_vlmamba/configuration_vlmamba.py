@@ -162,7 +162,8 @@ class VLMambaConfig(PreTrainedConfig):
             A `VLMambaVisionConfig` (`model_type="vlmamba_vision"`) fuses several encoders.
         text_config (`dict` or `PreTrainedConfig`, *optional*):
             Config of the language model: a `MambaConfig` (the default, at the Mamba-2.8B shape), a
-            `FalconMambaConfig` or a `Mamba2Config`.
+            `FalconMambaConfig` or a `Mamba2Config`. Where composing added tokens the LLM's vocabulary had no room
+            for (`<image>`, a pad token), `vocab_size` is the grown size and `source_vocab_size` the LLM's own.
         projector_type (`str`, *optional*, defaults to `"vss_l2"`):
             Multimodal connector: `"mlp"` (LLaVA-1.5 two-layer MLP), `"vss_mlp"` (VSS on the vision features, then
             residual, LayerNorm and MLP), `"vss_l2"` (Linear, GELU, VSS, residual, LayerNorm, Linear) or

@@ -13,6 +13,7 @@ from tests.conftest import make_image, user_turn
 from tests.isolated_load import chat_inputs, run_isolated
 from tests.test_training import arguments, fixed_batch_loss, parameters
 from vlmamba.conversion.hub_folder import save_folder
+from vlmamba.model_cards import write_card
 from vlmamba.training.sft import build_trainer, train
 from vlmamba.training.synthetic import generate, texts
 from vlmamba.training.tiny import SAMPLE_TEXT, TINY_TEXT, tiny_config, tiny_model, tiny_processor
@@ -110,6 +111,15 @@ def test_the_decode_step_refuses_a_language_model_it_has_no_step_for(built):
             decode_step(language_model, inputs["input_ids"][:, -1:], cache, ssm_matrices(language_model))
     finally:
         language_model.config.model_type = original
+
+
+def test_the_model_card_names_the_backbone(built, backbone, tmp_path):
+    model, processor = built
+    folder = save_folder(model, tmp_path / "saved", processor, finalize=lambda folder: write_card(folder, {}))
+    name = {"mamba": "Mamba, 2 layers", "falcon_mamba": "FalconMamba, 2 layers", "mamba2": "Mamba-2, 2 layers"}[
+        backbone
+    ]
+    assert f"| language model | {name}, width 32" in (folder / "README.md").read_text()
 
 
 def test_saving_and_remote_code_keep_the_backbone(built, backbone, tmp_path):
