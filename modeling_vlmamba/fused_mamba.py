@@ -19,6 +19,9 @@ mamba_ssm's `MixerModel`, `Block` and `Mamba` compute:
 Everything else (single-token decode steps, CPU, no kernels, hidden states asked for layer by layer) takes
 transformers' own forward. The blocks are still called as modules, so gradient checkpointing, FSDP2's hooks and PEFT
 work on this path as on transformers'.
+
+A FalconMamba keeps transformers' forward, but is trained through it too (`UnfusedTrainingFalconMambaMixer`): the
+fused training kernel transformers calls for it computes another function.
 """
 
 import functools
@@ -26,6 +29,7 @@ import functools
 import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
+from transformers.models.falcon_mamba.modeling_falcon_mamba import FalconMambaMixer, FalconMambaModel
 from transformers.models.mamba.modeling_mamba import (
     MambaBlock,
     MambaMixer,
@@ -231,9 +235,31 @@ class FusedMambaModel(MambaModel):
         return MambaOutput(last_hidden_state=hidden_states, cache_params=cache_params if use_cache else None)
 
 
-def use_fused_kernels(language_model: MambaModel) -> MambaModel:
-    """Give a built `MambaModel` the fused subclasses of itself, its blocks, mixers and final norm (in place: same
-    modules, parameters and state-dict keys). Models of other types are returned as they are."""
+class UnfusedTrainingFalconMambaMixer(FalconMambaMixer):
+    """`FalconMambaMixer` trained through the kernels of its forward without a cache (causal conv, selective scan:
+    both differentiable), never through the fused training kernel transformers calls for it when mamba_ssm is
+    installed. That kernel (`mamba_inner_fn` with B/C/dt norms) RMS-normalises dt after the dt projection, over
+    `intermediate_size` channels, where the forward normalises it before, over `time_step_rank`: it would train another
+    function than the one the model computes at inference (on a tiny model, a loss 2.9e-3 apart)."""
+
+    def forward(self, hidden_states: torch.Tensor, cache_params=None, attention_mask=None, **kwargs) -> torch.Tensor:
+        if not self.training or cache_params is not None:
+            return super().forward(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
+        self.training = False  # the mixer's only use of it is to pick the fused training kernel
+        try:
+            return super().forward(hidden_states, cache_params=cache_params, attention_mask=attention_mask, **kwargs)
+        finally:
+            self.training = True
+
+
+def use_fused_kernels(language_model: nn.Module) -> nn.Module:
+    """Give a built `MambaModel` the fused subclasses of itself, its blocks, mixers and final norm, and a
+    `FalconMambaModel` its `UnfusedTrainingFalconMambaMixer`s (in place: same modules, parameters and state-dict keys).
+    Models of other types are returned as they are."""
+    if type(language_model) is FalconMambaModel:
+        for layer in language_model.layers:
+            layer.mixer.__class__ = UnfusedTrainingFalconMambaMixer
+        return language_model
     if type(language_model) is not MambaModel:
         return language_model
     language_model.__class__ = FusedMambaModel

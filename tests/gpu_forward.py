@@ -40,7 +40,8 @@ def main(folder: str, inputs_path: str, out_path: str, torch_path: bool = False)
     watched = ("model.multi_modal_projector.linear_1.weight", "model.multi_modal_projector.vss.mixer.in_proj.weight")
     watched += (
         "model.language_model.layers.0.mixer.in_proj.weight",
-        "model.language_model.layers.1.mixer.x_proj.weight",
+        "model.language_model.layers.1.mixer.x_proj.weight",  # Mamba and FalconMamba
+        "model.language_model.layers.1.mixer.out_proj.weight",
     )
     grads = {name: param.grad.cpu() for name, param in model.named_parameters() if name in watched}
     torch.save(

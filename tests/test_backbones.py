@@ -203,3 +203,24 @@ def test_lora_trains_only_the_adapters_and_the_connector(workspace):
     assert any("lora_B" in name and "language_model" in name for name in changed)
     targeted = {name.split(".lora_")[0] for name in before if "lora_A" in name}
     assert targeted and all(name.endswith("mixer.in_proj") and "language_model" in name for name in targeted)
+
+
+def test_falcon_mamba_trains_through_the_function_it_computes(tokenizer, monkeypatch):
+    """FalconMamba is never trained through the fused kernel transformers calls for it where mamba_ssm is installed,
+    which normalises dt after the dt projection instead of before: training computes the eval-mode loss."""
+    from transformers.models.falcon_mamba import modeling_falcon_mamba
+
+    def fused_training_kernel(*args, **kwargs):
+        raise AssertionError("mamba_ssm's fused FalconMamba training kernel was called")
+
+    monkeypatch.setattr(modeling_falcon_mamba, "mamba_inner_fn", fused_training_kernel)
+    model = tiny_model(tiny_config(tokenizer, text={"model_type": "falcon_mamba"}))
+    input_ids = torch.randint(2, model.config.image_token_id, (2, 12))
+    with torch.no_grad():
+        inferred = model(input_ids=input_ids, labels=input_ids).loss
+    model.train()
+    trained = model(input_ids=input_ids, labels=input_ids).loss
+    trained.backward()
+    torch.testing.assert_close(trained, inferred, rtol=0, atol=1e-6)
+    assert all(layer.mixer.training for layer in model.language_model.layers)  # left in training mode
+    assert model.language_model.layers[0].mixer.in_proj.weight.grad is not None
