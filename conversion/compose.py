@@ -200,8 +200,9 @@ def assemble(
     """The VL-Mamba config and processor for vision encoders (name -> their config and PIL image processor; several
     make a fused tower) and an LLM (`text_config`, left as it is): the tokenizer gets `<image>` and a pad token
     (`prepare_tokenizer`), whose ids, and its EOS's, the text config takes. A tokenizer larger than the LLM's
-    vocabulary is an error, unless `grow_vocabulary`: the text config then has the tokenizer's size as its
-    `vocab_size` and the LLM's as its `source_vocab_size` (the caller grows the weights: `grow_embeddings`). A fused
+    vocabulary is another LLM's, an error. One that those two tokens make larger is an error too, unless
+    `grow_vocabulary`: the text config then has the tokenizer's size as its `vocab_size` and the LLM's as its
+    `source_vocab_size` (the caller grows the weights: `grow_embeddings`). A fused
     tower's processor resizes once (as its first encoder's processor would) and normalises for each encoder.
     `options` are further `VLMambaConfig` fields."""
     try:
@@ -210,6 +211,12 @@ def assemble(
         raise ConversionError(
             f"No tokenizer in {tokenizer_dir}: pass --tokenizer (the Mamba LLMs use EleutherAI/gpt-neox-20b)."
         ) from error
+    if len(tokenizer) > text_config.vocab_size:  # before <image> and a pad token: growing is for those only
+        raise ConversionError(
+            f"The tokenizer in {tokenizer_dir} has {len(tokenizer)} tokens, more than the LLM's vocabulary of "
+            f"{text_config.vocab_size}: it is not this LLM's tokenizer. Pass the LLM's own with --tokenizer (the "
+            "Mamba and Mamba-2 LLMs use EleutherAI/gpt-neox-20b)."
+        )
     tokenizer = prepare_tokenizer(tokenizer)
     token_ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
     text = text_config.to_dict() | {name: index for name, index in token_ids.items() if index is not None}

@@ -4,6 +4,7 @@ cleaned up by the next one."""
 
 import glob
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -20,6 +21,15 @@ def inside_folder(relative_path: str | Path) -> bool:
 def _sibling(target: Path, suffix: str) -> Path:
     # The process id lets a later run tell a dead run's leftovers from a live run's staging folder.
     return target.parent / f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.{suffix}"
+
+
+STAGING_NAME = re.compile(r"\.(?P<target>.+)\.\d+-[0-9a-f]{8}\.tmp")
+
+
+def target_name(folder: Path) -> str:
+    """The name `folder` will have: that of the folder it stages (see `staging_folder`), or its own."""
+    staged_for = STAGING_NAME.fullmatch(folder.name)
+    return staged_for["target"] if staged_for else folder.name
 
 
 def _alive(pid: int) -> bool:

@@ -39,6 +39,11 @@ def save_folder(
     output_dir = check_output_dir(output_dir, force)
     if isinstance(processor, VLMambaProcessor):
         stops = processor.stop_token_ids()
+        if not stops:
+            raise ValueError(
+                "Generation would never stop: the tokenizer has no EOS token and the chat template ends turns with no "
+                "special token. Give the tokenizer an EOS token (tokenizer.add_special_tokens({'eos_token': ...}))."
+            )
         model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
         model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     with staged(output_dir) as staging:

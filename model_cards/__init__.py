@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from vlmamba.conversion.files import target_name
+
 TEMPLATE = Path(__file__).with_name("template.md")
 CARD_DATA = "card_data.json"
 DEFAULT_LICENSE = "apache-2.0"
@@ -92,7 +94,7 @@ def render_card(
     config = VLMambaConfig.from_pretrained(folder)
     data = card_data if card_data is not None else read_card_data(folder)
     data = {**data, **{key: value for key, value in overrides.items() if value is not None}}
-    model_name = data.get("model_name") or (repo_id.split("/")[-1] if repo_id else folder.name)
+    model_name = data.get("model_name") or (repo_id.split("/")[-1] if repo_id else target_name(folder))
     evaluation = [EvalResult(task_type="image-text-to-text", **result) for result in data.get("evaluation", [])]
     card_data = ModelCardData(
         model_name=model_name,

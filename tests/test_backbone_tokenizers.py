@@ -5,6 +5,7 @@ come from the tokenizer, training labels follow the derived template, and a misl
 import contextlib
 import io
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -24,13 +25,14 @@ from transformers import (
 )
 
 from modeling_vlmamba import DEFAULT_CHAT_TEMPLATE, VLMambaForConditionalGeneration, VLMambaProcessor
-from modeling_vlmamba.processing_vlmamba import chat_template_for, zephyr_chat_template
+from modeling_vlmamba.processing_vlmamba import chat_template_for, derived_chat_template, zephyr_chat_template
 from tests.conftest import make_image
 from tests.reference_mamba2 import mamba2_lm_forward, raw_mamba2_config, write_mamba2_ssm_checkpoint
 from vlmamba.conversion.checkpoint import ConversionError
 from vlmamba.conversion.compose import ADDED_PAD_TOKEN, compose, prepare_tokenizer
+from vlmamba.conversion.hub_folder import save_folder
 from vlmamba.training.data import DataError, VisionCollator, read_llava_json
-from vlmamba.training.tiny import SAMPLE_TEXT
+from vlmamba.training.tiny import SAMPLE_TEXT, tiny_config, tiny_model
 from vlmamba.training.tokenizer import train_byte_level_bpe, train_gpt_neox_tokenizer
 
 ATOL = 1e-5
@@ -352,6 +354,61 @@ def test_a_template_that_marks_no_assistant_tokens_is_refused_for_stage_2(chatml
     VisionCollator(unmarked, stage=1)  # stage 1 labels its completions, not chat turns
 
 
+def test_a_template_whose_assistant_turns_hold_no_stop_token_is_refused_for_stage_2(chatml_processor):
+    """Turns ended by plain text (a newline, or an end-of-turn marker that is not a special token) would train a
+    model that never learns to stop."""
+    plain = (
+        "{% for message in messages %}{{ '### ' + message['role'] + ': ' + message['content'] + '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '### assistant: ' }}{% endif %}"
+    )
+    for template in (plain, CHATML_TEMPLATE.replace("<|im_end|>", "<end>")):
+        processor = VLMambaProcessor(
+            chatml_processor.image_processor,
+            chatml_processor.tokenizer,
+            patch_size=4,
+            chat_template=derived_chat_template(template),
+        )
+        with pytest.raises(DataError, match="holds none of the tokens generation stops on"):
+            VisionCollator(processor, stage=2)
+    VisionCollator(chatml_processor, stage=2)  # <|im_end|> is a special token: its turns end in a stop token
+
+
+def test_a_template_that_marks_only_the_last_assistant_turn_is_warned_about(chatml_processor, caplog):
+    """A template that renders an earlier assistant turn differently once it is not the last (as reasoning templates
+    drop the reasoning) leaves those turns unmarked: training goes on, with a warning."""
+    earlier = "(' [earlier]' if message['role'] == 'assistant' and not loop.last else '')"
+    turn_end = "message['content'] + '<|im_end|>'"
+    last_only = CHATML_TEMPLATE.replace(turn_end, f"message['content'] + {earlier} + '<|im_end|>'")
+    processor = VLMambaProcessor(
+        chatml_processor.image_processor,
+        chatml_processor.tokenizer,
+        patch_size=4,
+        chat_template=derived_chat_template(last_only),
+    )
+    with caplog.at_level(logging.WARNING):
+        VisionCollator(processor, stage=2)
+    assert "marks 1 of the 2 assistant turns" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        VisionCollator(chatml_processor, stage=2)
+    assert "assistant turns of a two-turn conversation" not in caplog.text
+
+
+def test_a_model_that_could_never_stop_is_not_saved(siglip, tmp_path):
+    tokenizer = falcon_like_tokenizer(chat_template=None)
+    tokenizer.eos_token = None
+    processor = VLMambaProcessor(
+        SiglipImageProcessorPil(size={"height": 16, "width": 16}),
+        prepare_tokenizer(tokenizer),
+        patch_size=4,
+        chat_template="{% for message in messages %}{{ message['content'] + '\\n' }}{% endfor %}",
+    )
+    config = tiny_config(processor.tokenizer, text={"vocab_size": len(processor.tokenizer)})
+    with pytest.raises(ValueError, match="Generation would never stop"):
+        save_folder(tiny_model(config), tmp_path / "out", processor)
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---------------------------------------------------------------- what compose refuses
 
 
@@ -378,6 +435,15 @@ def test_a_mislabelled_llm_is_refused(siglip, tmp_path, backbone, claimed, tampe
         tamper(tmp_path / "llm")
     with pytest.raises(ConversionError, match=message):
         compose(siglip, tmp_path / "llm", tmp_path / "vlm")
+    assert not (tmp_path / "vlm").exists()
+
+
+def test_another_llms_tokenizer_is_refused_not_grown_into(siglip, tmp_path):
+    """Growing is for `<image>` and a pad token only: a tokenizer already larger than the LLM's vocabulary is another
+    LLM's (its ids would mean other tokens), whatever number of mean rows it would take."""
+    write_llm(tmp_path / "llm", "falcon_mamba", falcon_like_tokenizer(), vocab_size=280)
+    with pytest.raises(ConversionError, match="has 300 tokens, more than the LLM's vocabulary of 280: it is not"):
+        compose(siglip, tmp_path / "llm", tmp_path / "vlm", projector_type="mlp")
     assert not (tmp_path / "vlm").exists()
 
 

@@ -119,7 +119,9 @@ def test_the_model_card_names_the_backbone(built, backbone, tmp_path):
     name = {"mamba": "Mamba, 2 layers", "falcon_mamba": "FalconMamba, 2 layers", "mamba2": "Mamba-2, 2 layers"}[
         backbone
     ]
-    assert f"| language model | {name}, width 32" in (folder / "README.md").read_text()
+    card = (folder / "README.md").read_text()
+    assert f"| language model | {name}, width 32" in card
+    assert "\n# saved\n" in card  # titled after the folder, not the staging folder it was written in
 
 
 def test_saving_and_remote_code_keep_the_backbone(built, backbone, tmp_path):

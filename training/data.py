@@ -167,19 +167,44 @@ def read_llava_json(
 
 
 def check_assistant_marks(processor: ProcessorMixin) -> None:
-    """Raise `DataError` unless the processor's chat template marks an assistant turn's tokens: without them the
-    assistant-only loss of stage 2 would train on nothing."""
-    conversation = [{"role": "user", "content": "Is it red?"}, {"role": "assistant", "content": "Yes."}]
-    marks = processor.apply_chat_template(
-        conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-    )["assistant_masks"]
-    if not any(marks[0]):
+    """Raise `DataError` unless the processor's chat template marks an assistant turn's tokens, and they hold a token
+    generation stops on (`stop_token_ids`); warn where it marks only the last turn of a conversation. Without marks
+    the assistant-only loss of stage 2 would train on nothing; without a stop token the model would never learn to
+    stop."""
+    question, answer = {"role": "user", "content": "Is it red?"}, {"role": "assistant", "content": "Yes."}
+    tokens, marks = marked_tokens(processor, [question, answer])
+    if not any(marks):
         raise DataError(
             "The processor's chat template marks no assistant tokens, so stage 2 (assistant-only loss) would learn "
             "nothing: wrap each assistant turn's output in {% generation %} ... {% endgeneration %}, or rebuild the "
             "processor from the language model's tokenizer (its template is then derived with the marks: "
             "derived_chat_template)."
         )
+    stops = processor.stop_token_ids()
+    if not any(mark and token in stops for token, mark in zip(tokens, marks, strict=True)):
+        trained = processor.tokenizer.decode([token for token, mark in zip(tokens, marks, strict=True) if mark])
+        raise DataError(
+            f"The chat template's assistant turns are trained as {trained!r}, which holds none of the tokens "
+            f"generation stops on ({processor.tokenizer.convert_ids_to_tokens(stops)}): the model would never learn "
+            "to stop. End assistant turns with the EOS token, or make the template's end-of-turn marker a special "
+            "token of the tokenizer (tokenizer.add_special_tokens) before building the processor."
+        )
+    _, marks = marked_tokens(processor, [question, answer, question, answer])
+    turns = sum(1 for before, mark in zip([0, *marks], marks, strict=False) if mark and not before)
+    if turns < 2:
+        logger.warning(
+            f"The chat template marks {turns} of the 2 assistant turns of a two-turn conversation: earlier answers of "
+            "multi-turn samples will not be trained on (the template renders an earlier turn differently once it "
+            "is not the last, e.g. dropping a reasoning block)."
+        )
+
+
+def marked_tokens(processor: ProcessorMixin, conversation: list[dict]) -> tuple[list[int], list[int]]:
+    """The token ids of `conversation` in the processor's chat template, and its assistant-token marks (1 or 0)."""
+    rendered = processor.apply_chat_template(
+        conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    return list(rendered["input_ids"][0]), list(rendered["assistant_masks"][0])
 
 
 class VisionCollator:
