@@ -226,3 +226,12 @@ def test_falcon_mamba_trains_through_the_function_it_computes(tokenizer, monkeyp
     torch.testing.assert_close(trained, inferred, rtol=0, atol=1e-6)
     assert all(layer.mixer.training for layer in model.language_model.layers)  # left in training mode
     assert model.language_model.layers[0].mixer.in_proj.weight.grad is not None
+
+
+def test_the_tiny_tool_builds_each_backbone(backbone, tmp_path, capsys):
+    from vlmamba.training.tiny import main
+
+    main([str(tmp_path / "tiny"), "--llm", backbone])
+    assert "Tiny VL-Mamba saved to" in capsys.readouterr().out
+    reloaded = VLMambaForConditionalGeneration.from_pretrained(tmp_path / "tiny")
+    assert type(reloaded.config.text_config) is CONFIG_CLASSES[backbone]

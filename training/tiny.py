@@ -1,6 +1,7 @@
 """Tiny VL-Mamba models built from scratch, for trying the API offline, for the tests and for the demo.
 
-vlmamba tiny ./vlmamba-tiny [--projector-type vss_l2] [--scan-type bidirectional] [--force]
+vlmamba tiny ./vlmamba-tiny [--llm mamba|falcon_mamba|mamba2] [--projector-type vss_l2] [--scan-type bidirectional]
+             [--force]
 """
 
 import argparse
@@ -144,6 +145,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     )
     parser.add_argument("output_dir")
     parser.add_argument("--vision", default="siglip", choices=TINY_VISION, help="vision tower (dino-siglip: fused)")
+    parser.add_argument("--llm", default="mamba", choices=TINY_TEXT, help="language model family")
     parser.add_argument("--projector-type", default="vss_l2", choices=PROJECTOR_TYPES)
     parser.add_argument("--scan-type", default="bidirectional", choices=SCAN_TYPES)
     parser.add_argument("--force", action="store_true", help="overwrite an existing output folder")
@@ -152,6 +154,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         args.output_dir,
         force=args.force,
         vision=TINY_VISION[args.vision],
+        text={"model_type": args.llm},
         projector_type=args.projector_type,
         scan_type=args.scan_type,
     )
