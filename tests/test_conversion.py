@@ -363,10 +363,13 @@ def test_llava_checkpoints_of_other_language_models_or_oversized_tokenizers_are_
         ConversionError, match=r"(?s)mamba2/config.json: the language model is not a Mamba-1 model, .*layer='Mamba2'"
     ):
         convert_llava(root / "mamba2", root / "out", vision=root / "clip-tower")
-    write_llava_mamba_checkpoint(root / "small", vision, plain_tokenizer, vocab_size=8)
+    write_llava_mamba_checkpoint(root / "full", vision, plain_tokenizer, vocab_size=len(plain_tokenizer))
     with pytest.raises(
         ConversionError, match=r"has \d+ tokens with <image> and its pad token but the LLM's vocabulary"
     ):
+        convert_llava(root / "full", root / "out", vision=root / "clip-tower")
+    write_llava_mamba_checkpoint(root / "small", vision, plain_tokenizer, vocab_size=8)
+    with pytest.raises(ConversionError, match=r"more than the LLM's vocabulary of 8: it is not this LLM's tokenizer"):
         convert_llava(root / "small", root / "out", vision=root / "clip-tower")
     assert not (root / "out").exists()
 
