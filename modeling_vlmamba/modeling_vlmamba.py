@@ -603,8 +603,8 @@ class VLMambaForConditionalGeneration(VLMambaPreTrainedModel, GenerationMixin):
         if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             raise ValueError("labels need the logits of every position: leave logits_to_keep at 0 when training.")
         graph = getattr(cache_params, "decode_graph", None)
-        decode_step = input_ids is not None and input_ids.shape[1] == 1 and pixel_values is None
-        if graph is not None and decode_step and cache_params.has_previous_state() and not output_hidden_states:
+        one_token = input_ids is not None and input_ids.shape[1] == 1 and pixel_values is None
+        if graph is not None and one_token and cache_params.has_previous_state() and not output_hidden_states:
             return VLMambaCausalLMOutput(logits=graph.step(self, input_ids), cache_params=cache_params)
         outputs = self.model(
             input_ids=input_ids,

@@ -15,6 +15,23 @@ def make_image(size: tuple[int, int] = (24, 16), color=(200, 30, 30), mode: str 
     return image.convert(mode)
 
 
+def leftovers(parent) -> list[str]:
+    """Anything a failed conversion left next to its output folder (staging and moved-aside folders are hidden)."""
+    return sorted(path.name for path in parent.iterdir() if path.name.startswith("."))
+
+
+def interrupt_saving(monkeypatch) -> None:
+    """Make transformers' shard writer write half a shard, then raise KeyboardInterrupt: a save killed midway."""
+    import transformers.modeling_utils
+
+    def crash_after_writing(tensors, path, *args, **kwargs):
+        with open(path, "wb") as partial:
+            partial.write(b"half a shard")
+        raise KeyboardInterrupt("simulated interruption mid-save")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", crash_after_writing)
+
+
 def user_turn(text: str, num_images: int = 1) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image"}] * num_images + [{"type": "text", "text": text}]}]
 

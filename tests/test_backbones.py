@@ -11,11 +11,17 @@ from modeling_vlmamba import VLMambaConfig, VLMambaForConditionalGeneration
 from modeling_vlmamba.decode_step import decode_step, ssm_matrices
 from tests.conftest import make_image, user_turn
 from tests.isolated_load import chat_inputs, run_isolated
-from tests.test_training import arguments, fixed_batch_loss, parameters
+from tests.test_training import (
+    arguments,
+    assert_lora_trains_only_adapters_and_the_connector,
+    changed_parts,
+    fixed_batch_loss,
+    parameters,
+    write_workspace,
+)
 from vlmamba.conversion.hub_folder import save_folder
 from vlmamba.model_cards import write_card
 from vlmamba.training.sft import build_trainer, train
-from vlmamba.training.synthetic import generate, texts
 from vlmamba.training.tiny import SAMPLE_TEXT, TINY_TEXT, tiny_config, tiny_model, tiny_processor
 from vlmamba.training.tokenizer import train_gpt_neox_tokenizer
 
@@ -164,18 +170,7 @@ def workspace(backbone, tmp_path_factory):
     """Synthetic data and an untrained tiny VL-Mamba on `backbone` (the Mamba one is tests/test_training.py's)."""
     if backbone == "mamba":
         pytest.skip("tests/test_training.py trains the Mamba backbone")
-    root = tmp_path_factory.mktemp(f"training-{backbone}")
-    data = generate(root / "data", train_scenes=48, heldout_scenes=4, seed=1)
-    tokenizer = train_gpt_neox_tokenizer(texts(data) + ["<|user|>\n<|assistant|>\n<|system|>\n"], vocab_size=360)
-    config = tiny_config(tokenizer, text={"model_type": backbone})
-    save_folder(tiny_model(config), root / "untrained", tiny_processor(tokenizer, config))
-    return root
-
-
-def changed_parts(before: dict, after: dict) -> set[str]:
-    """The model parts (`multi_modal_projector`, `language_model`, ..., `lm_head`) whose parameters changed."""
-    names = [name for name in before if not torch.equal(before[name], after[name])]
-    return {name.split(".")[1] if name.startswith("model.") else name.split(".")[0] for name in names}
+    return write_workspace(tmp_path_factory.mktemp(f"training-{backbone}"), text={"model_type": backbone})
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -196,15 +191,7 @@ def test_both_stages_lower_the_loss_and_train_only_their_parts(workspace, stage)
 
 
 def test_lora_trains_only_the_adapters_and_the_connector(workspace):
-    trainer = build_trainer(arguments(workspace, 2, "lora", "--lora-r", "4"))
-    before = parameters(trainer.model)
-    trainer.train()
-    after = parameters(trainer.model)
-    changed = {name for name in before if not torch.equal(before[name], after[name])}
-    assert changed and all("lora_" in name or "multi_modal_projector.modules_to_save" in name for name in changed)
-    assert any("lora_B" in name and "language_model" in name for name in changed)
-    targeted = {name.split(".lora_")[0] for name in before if "lora_A" in name}
-    assert targeted and all(name.endswith("mixer.in_proj") and "language_model" in name for name in targeted)
+    assert_lora_trains_only_adapters_and_the_connector(workspace)
 
 
 def test_falcon_mamba_trains_through_the_function_it_computes(tokenizer, monkeypatch):

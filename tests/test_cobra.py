@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from modeling_vlmamba import IMAGES_FIRST_CHAT_TEMPLATE, VLMambaForConditionalGeneration, VLMambaProcessor
-from tests.conftest import make_image
+from tests.conftest import leftovers, make_image
 from tests.reference_cobra import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -163,10 +163,6 @@ def test_open_clip_siglip_and_the_single_encoder_variant(cobra, converted):
     )
     with torch.no_grad():
         torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=LOGITS_ATOL)
-
-
-def leftovers(folder) -> list[str]:
-    return sorted(path.name for path in folder.iterdir() if path.name.startswith("."))
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ from transformers import (
 )
 
 from modeling_vlmamba import VLMambaForConditionalGeneration
-from tests.conftest import make_image
+from tests.conftest import interrupt_saving, leftovers, make_image
 from tests.reference_models import (
     collapse_image_tokens,
     llava_mamba_forward,
@@ -45,11 +45,6 @@ from vlmamba.training.tokenizer import train_gpt_neox_tokenizer
 ATOL = 1e-4
 VISION = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4}
 VISION |= {"image_size": 16, "patch_size": 4}
-
-
-def leftovers(parent):
-    """Anything a failed conversion left next to its output folder."""
-    return sorted(path.name for path in parent.iterdir() if path.name.startswith("."))
 
 
 @pytest.fixture
@@ -146,14 +141,7 @@ def test_existing_output_needs_force(raw_dir, tmp_path):
 
 
 def test_interrupted_write_leaves_nothing(raw_dir, tmp_path, monkeypatch):
-    import transformers.modeling_utils
-
-    def crash_after_writing(tensors, path, *args, **kwargs):
-        with open(path, "wb") as partial:
-            partial.write(b"half a shard")
-        raise KeyboardInterrupt("simulated interruption mid-save")
-
-    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", crash_after_writing)
+    interrupt_saving(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         convert_mamba_ssm(raw_dir, tmp_path / "out")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import Mamba2ForCausalLM
 
+from tests.conftest import interrupt_saving, leftovers
 from tests.reference_mamba2 import (
     mamba2_lm_forward,
     random_mamba2_ssm_state,
@@ -37,11 +38,6 @@ torch_path_only = pytest.mark.skipif(
     any(importlib.util.find_spec(name) for name in ("mamba_ssm", "causal_conv1d")),
     reason="transformers' Mamba2 takes the mamba_ssm / causal-conv1d kernels, CUDA only",
 )
-
-
-def leftovers(parent):
-    """Anything a failed conversion left next to its output folder."""
-    return sorted(path.name for path in parent.iterdir() if path.name.startswith("."))
 
 
 def reference(raw: dict, state: dict):
@@ -282,14 +278,7 @@ def test_command_line_refuses_an_unknown_mixer_in_one_line(tmp_path, capsys):
 
 
 def test_an_interrupted_write_leaves_nothing(raw_dir, tmp_path, monkeypatch):
-    import transformers.modeling_utils
-
-    def crash_after_writing(tensors, path, *args, **kwargs):
-        with open(path, "wb") as partial:
-            partial.write(b"half a shard")
-        raise KeyboardInterrupt("simulated interruption mid-save")
-
-    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", crash_after_writing)
+    interrupt_saving(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         convert_mamba_ssm(raw_dir, tmp_path / "out")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []

@@ -29,15 +29,19 @@ from vlmamba.training.tokenizer import train_gpt_neox_tokenizer
 RESUME_ATOL = 1e-6
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    """A small synthetic dataset and an untrained tiny VL-Mamba built for it."""
-    root = tmp_path_factory.mktemp("training")
+def write_workspace(root: Path, text: dict | None = None) -> Path:
+    """A small synthetic dataset in `root` and an untrained tiny VL-Mamba built for it (its language model from
+    `text`, as `tiny_config` takes it)."""
     data = generate(root / "data", train_scenes=48, heldout_scenes=4, seed=1)
     tokenizer = train_gpt_neox_tokenizer(texts(data) + ["<|user|>\n<|assistant|>\n<|system|>\n"], vocab_size=360)
-    config = tiny_config(tokenizer)
+    config = tiny_config(tokenizer, text=text)
     save_folder(tiny_model(config), root / "untrained", tiny_processor(tokenizer, config))
     return root
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    return write_workspace(tmp_path_factory.mktemp("training"))
 
 
 def arguments(workspace: Path, stage: int, output: str, *extra: str):
@@ -54,7 +58,9 @@ def parameters(model) -> dict[str, torch.Tensor]:
 
 
 def changed_parts(before: dict, after: dict) -> set[str]:
-    return {name.split(".")[1] for name in before if not torch.equal(before[name], after[name])}
+    """The model parts (`multi_modal_projector`, `language_model`, ..., `lm_head`) whose parameters changed."""
+    names = [name for name in before if not torch.equal(before[name], after[name])]
+    return {name.split(".")[1] if name.startswith("model.") else name.split(".")[0] for name in names}
 
 
 def fixed_batch_loss(model_dir: Path, workspace: Path, stage: int) -> float:
@@ -93,7 +99,8 @@ def test_a_few_steps_lower_the_loss_and_train_only_the_stages_parts(workspace, s
     assert f"Stage {stage}" in (final / "README.md").read_text()
 
 
-def test_lora_changes_only_adapters_and_the_connector(workspace):
+def assert_lora_trains_only_adapters_and_the_connector(workspace: Path) -> None:
+    """A stage-2 LoRA run changes only the language model's `in_proj` adapters and the connector (trained whole)."""
     trainer = build_trainer(arguments(workspace, 2, "lora", "--lora-r", "4"))
     before = parameters(trainer.model)
     trainer.train()
@@ -104,6 +111,10 @@ def test_lora_changes_only_adapters_and_the_connector(workspace):
     assert any("multi_modal_projector.modules_to_save" in name for name in changed)
     targeted = {name.split(".lora_")[0] for name in before if "lora_A" in name}
     assert targeted and all(name.endswith("mixer.in_proj") and "language_model" in name for name in targeted)
+
+
+def test_lora_changes_only_adapters_and_the_connector(workspace):
+    assert_lora_trains_only_adapters_and_the_connector(workspace)
     with pytest.raises(ValueError, match="--lora-r applies to stage 2"):
         build_trainer(arguments(workspace, 1, "lora-stage1", "--lora-r", "4"))
 
